@@ -1,0 +1,183 @@
+"""Tokenization of (prompt, responses) with the tokenizer's own chat template, and the padding collator.
+
+Rules (used identically by SFT, reference log-probs and WRPO):
+
+- The prompt is the chat template applied to one user turn WITH the generation prompt (so
+  the assistant header belongs to the prompt and is masked). The response is what the
+  template adds for the assistant turn after that prefix.
+- Exactly one end-of-turn token ends every response: tokens the template puts after the
+  end-of-turn token (e.g. Qwen's trailing "\\n") are dropped, and one is appended only when
+  the template emits none. The authors' pipeline appends `eos_token_id` to a response whose
+  template already ended it with <|eot_id|>, training on a second end token; we do not.
+  Their labels also include the assistant header tokens; ours start after the header.
+- When prompt + longest response exceeds `max_length`, the prompt is truncated from the
+  LEFT to `max_prompt_length` tokens (a leading BOS is kept), then any response still too
+  long is cut at the right to fit (a cut response loses its end-of-turn token).
+- Labels are -100 on prompt and padding, so summed log-probs cover response tokens only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TokenizeReport:
+    """What tokenization did to a dataset: rows, truncated prompts, truncated responses."""
+
+    rows: int = 0
+    prompts_truncated: int = 0
+    responses_truncated: int = 0
+
+    def add(self, example: EncodedExample) -> None:
+        self.rows += 1
+        self.prompts_truncated += example.prompt_truncated
+        self.responses_truncated += example.responses_truncated
+
+
+@dataclass(frozen=True)
+class EncodedExample:
+    """Token ids of one prompt and its responses, with what truncation did to them."""
+
+    prompt_ids: list[int]
+    response_ids: list[list[int]]
+    prompt_truncated: bool
+    responses_truncated: int
+
+
+def end_of_turn_id(tokenizer: PreTrainedTokenizerBase, end_of_turn_token: str | None = None) -> int:
+    """The id that ends an assistant turn: `end_of_turn_token` if given, else the tokenizer's eos."""
+    token = end_of_turn_token or tokenizer.eos_token
+    if token is None:
+        raise ValueError("the tokenizer has no eos_token; pass end_of_turn_token (e.g. '<|eot_id|>')")
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise ValueError(f"end-of-turn token {token!r} is not in the tokenizer's vocabulary")
+    return int(token_id)
+
+
+def _template(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], *, generation: bool) -> str:
+    if not tokenizer.chat_template:
+        raise ValueError(
+            f"tokenizer {tokenizer.name_or_path!r} has no chat template; WRPO needs an instruct model's template"
+        )
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+
+
+def prompt_text(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
+    """The chat-templated prompt (one user turn plus the assistant header), as sent to generation."""
+    return _template(tokenizer, [{"role": "user", "content": prompt}], generation=True)
+
+
+def _ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    # The template already holds BOS and other specials: never let the tokenizer add them again.
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def encode_response(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, *, templated_prompt: str, eot_id: int
+) -> list[int]:
+    """Token ids of `response` as the assistant turn after `prompt`, ending in exactly one eot_id."""
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    full = _template(tokenizer, messages, generation=False)
+    if not full.startswith(templated_prompt):
+        raise ValueError(
+            f"chat template of {tokenizer.name_or_path!r} does not render the assistant turn as a continuation "
+            "of the generation prompt; cannot separate prompt from response tokens"
+        )
+    ids = _ids(tokenizer, full[len(templated_prompt) :])
+    if eot_id in ids:
+        last = len(ids) - 1 - ids[::-1].index(eot_id)
+        ids = ids[: last + 1]
+    else:
+        ids.append(eot_id)
+    return ids
+
+
+def truncate(
+    prompt_ids: list[int],
+    response_ids: list[list[int]],
+    *,
+    max_length: int,
+    max_prompt_length: int,
+    bos_id: int | None,
+) -> EncodedExample:
+    """Applies the module's truncation rule to one prompt and its responses."""
+    if max_prompt_length >= max_length:
+        raise ValueError(
+            f"max_prompt_length ({max_prompt_length}) must be smaller than max_length ({max_length})"
+        )
+    longest = max(len(r) for r in response_ids)
+    prompt_truncated = False
+    if len(prompt_ids) + longest > max_length and len(prompt_ids) > max_prompt_length:
+        keep_bos = bos_id is not None and prompt_ids[0] == bos_id
+        tail = max_prompt_length - 1 if keep_bos else max_prompt_length
+        prompt_ids = ([bos_id] if keep_bos else []) + prompt_ids[-tail:]
+        prompt_truncated = True
+    room = max_length - len(prompt_ids)
+    cut = sum(len(r) > room for r in response_ids)
+    return EncodedExample(prompt_ids, [r[:room] for r in response_ids], prompt_truncated, cut)
+
+
+def encode_example(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    responses: Sequence[str],
+    *,
+    max_length: int,
+    max_prompt_length: int,
+    eot_id: int | None = None,
+) -> EncodedExample:
+    """Tokenizes one prompt with its responses (e.g. [y_ws, y_wt, y_l]) and truncates them to fit."""
+    eot = end_of_turn_id(tokenizer) if eot_id is None else eot_id
+    templated = prompt_text(tokenizer, prompt)
+    prompt_ids = _ids(tokenizer, templated)
+    response_ids = [
+        encode_response(tokenizer, prompt, response, templated_prompt=templated, eot_id=eot)
+        for response in responses
+    ]
+    return truncate(
+        prompt_ids,
+        response_ids,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        bos_id=tokenizer.bos_token_id,
+    )
+
+
+@dataclass
+class ResponseCollator:
+    """Pads a batch of examples with K responses each into one (K * batch, T) tensor set.
+
+    Rows are response-major: all first responses, then all second ones, ... (for WRPO:
+    y_ws of every example, then y_wt, then y_l), so a single forward pass scores them all.
+    Features need `prompt_ids` and `response_ids`; a `ref_logps` list (K floats) is stacked
+    to (batch, K) when present.
+    """
+
+    pad_token_id: int
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        k = len(features[0]["response_ids"])
+        if any(len(f["response_ids"]) != k for f in features):
+            raise ValueError("every example in a batch must have the same number of responses")
+        rows = [(f["prompt_ids"], f["response_ids"][j]) for j in range(k) for f in features]
+        width = max(len(p) + len(r) for p, r in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (prompt, response) in enumerate(rows):
+            n_prompt, n_total = len(prompt), len(prompt) + len(response)
+            input_ids[i, :n_total] = torch.tensor(list(prompt) + list(response), dtype=torch.long)
+            labels[i, n_prompt:n_total] = torch.tensor(list(response), dtype=torch.long)
+            attention_mask[i, :n_total] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if "ref_logps" in features[0] and features[0]["ref_logps"] is not None:
+            batch["ref_logps"] = torch.tensor([f["ref_logps"] for f in features], dtype=torch.float64)
+        return batch

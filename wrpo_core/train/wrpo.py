@@ -1,0 +1,256 @@
+"""The WRPO trainer: transformers' Trainer with the WRPO loss on [y_ws, y_wt, y_l] triples.
+
+Everything else (accumulation, schedulers, mixed precision, DeepSpeed, checkpoint/resume,
+logging) is the Trainer's. With reference log-probs stored in the data (the default) the
+trainer holds only the policy; with `ref_model` it re-runs the reference every step, as the
+authors' trainer does.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from datasets import Dataset
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
+
+from wrpo_core.config import WRPOConfig, WRPOJobConfig
+from wrpo_core.formats import from_authors_records, read_jsonl
+from wrpo_core.logprobs import grouped_logps
+from wrpo_core.objectives import (
+    AlphaSchedule,
+    authors_total_steps,
+    resolve_alpha_schedule,
+    wrpo_ipo_loss,
+    wrpo_loss,
+    wrpo_simpo_loss,
+)
+from wrpo_core.reference import (
+    REFERENCE_FILE,
+    attach_reference,
+    compute_reference_logps,
+    reference_settings,
+    stored_reference,
+)
+from wrpo_core.schemas import QUADRUPLES, read_parquet, write_parquet
+from wrpo_core.tokenization import ResponseCollator, TokenizeReport, encode_example, end_of_turn_id
+from wrpo_core.train.common import (
+    METRICS_FILE,
+    JsonlMetricsCallback,
+    load_causal_lm,
+    load_tokenizer,
+    run_training,
+    training_arguments,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class WRPOTrainer(Trainer):
+    """Trainer whose loss is WRPO (or its SimPO / IPO variants) with the alpha schedule.
+
+    Batches come from `ResponseCollator` over examples with three responses; `ref_logps`
+    (batch, 3) must be in the batch unless a `ref_model` is given or the loss is SimPO.
+    """
+
+    loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
+
+    def __init__(
+        self,
+        *args,
+        wrpo: WRPOConfig,
+        ref_model: PreTrainedModel | None = None,
+        alpha_schedule: AlphaSchedule | None = None,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        self.wrpo = wrpo
+        self.ref_model = ref_model
+        if ref_model is not None:
+            if self.is_deepspeed_enabled:
+                raise ValueError(
+                    "an on-the-fly reference model is not supported under DeepSpeed; precompute reference log-probs"
+                )
+            self.ref_model = ref_model.to(self.args.device).eval().requires_grad_(False)
+        self.alpha_schedule = alpha_schedule or resolve_alpha_schedule(wrpo.alpha_schedule, wrpo.alpha)
+        self._alpha_total_steps: int | None = None
+        self._stored_metrics: dict[str, list[float]] = defaultdict(list)
+
+    @property
+    def alpha_total_steps(self) -> int:
+        """Optimizer steps the alpha schedule spans: max_steps if set, else counted as the authors do."""
+        if self._alpha_total_steps is None:
+            if self.args.max_steps > 0:
+                self._alpha_total_steps = self.args.max_steps
+            else:
+                self._alpha_total_steps = authors_total_steps(
+                    len(self.get_train_dataloader()),
+                    self.args.gradient_accumulation_steps,
+                    self.args.num_train_epochs,
+                )
+        return self._alpha_total_steps
+
+    def current_alpha(self) -> float:
+        return self.alpha_schedule(self.state.global_step, self.alpha_total_steps)
+
+    def _reference_logps(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.ref_model is not None:
+            with torch.no_grad():
+                return grouped_logps(self.ref_model, inputs)[0]
+        if "ref_logps" not in inputs:
+            raise ValueError(
+                "the batch has no reference log-probs: precompute them (wrpo_core.reference) or pass ref_model"
+            )
+        return inputs["ref_logps"]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        policy, lengths = grouped_logps(model, inputs)
+        alpha = (
+            self.current_alpha()
+            if model.training
+            else self.alpha_schedule(self.alpha_total_steps, self.alpha_total_steps)
+        )
+        cfg = self.wrpo
+        if cfg.loss_type == "simpo":
+            out = wrpo_simpo_loss(
+                policy[:, :2], policy[:, 2], lengths[:, :2], lengths[:, 2],
+                alpha=alpha, beta=cfg.beta, gamma=cfg.simpo_gamma, label_smoothing=cfg.label_smoothing,
+            )  # fmt: skip
+        else:
+            reference = self._reference_logps(inputs).to(policy.device, policy.dtype)
+            if cfg.loss_type == "ipo":
+                scale = lengths.to(policy.dtype).clamp(min=1)
+                out = wrpo_ipo_loss(
+                    (policy / scale)[:, :2], (policy / scale)[:, 2], (reference / scale)[:, :2],
+                    (reference / scale)[:, 2], alpha=alpha, beta=cfg.beta,
+                )  # fmt: skip
+            else:
+                out = wrpo_loss(
+                    policy[:, :2], policy[:, 2], reference[:, :2], reference[:, 2],
+                    alpha=alpha, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
+                )  # fmt: skip
+        loss = out.losses.mean()
+        if model.training:
+            self._store(out.metrics, policy.detach(), alpha)
+        return (loss, {"policy_logps": policy.detach()}) if return_outputs else loss
+
+    def _store(self, metrics: dict[str, torch.Tensor], policy: torch.Tensor, alpha: float) -> None:
+        values = {name: float(value) for name, value in metrics.items()}
+        values["alpha"] = alpha
+        values["logps/source_chosen"] = float(policy[:, 0].mean())
+        values["logps/target_chosen"] = float(policy[:, 1].mean())
+        values["logps/chosen"] = float((alpha * policy[:, 0] + (1 - alpha) * policy[:, 1]).mean())
+        values["logps/rejected"] = float(policy[:, 2].mean())
+        for name, value in values.items():
+            self._stored_metrics[name].append(value)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds the mean of the WRPO metrics gathered since the last log to training logs."""
+        if "loss" in logs and self._stored_metrics:
+            for name, values in self._stored_metrics.items():
+                logs[name] = sum(values) / len(values)
+            self._stored_metrics.clear()
+        super().log(logs, start_time)
+
+
+# --- the WRPO job -----------------------------------------------------------------------------
+
+
+def tokenize_quadruples(
+    table: pa.Table, tokenizer: PreTrainedTokenizerBase, hp: WRPOConfig, reference: np.ndarray | None = None
+) -> tuple[Dataset, TokenizeReport]:
+    """Tokenizes QUADRUPLES rows into examples with responses [y_ws, y_wt, y_l] (and ref_logps)."""
+    eot = end_of_turn_id(tokenizer)
+    report = TokenizeReport()
+    rows = []
+    columns = [table.column(name).to_pylist() for name in ("prompt", "y_ws", "y_wt", "y_l")]
+    for i, (prompt, y_ws, y_wt, y_l) in enumerate(zip(*columns, strict=True)):
+        encoded = encode_example(
+            tokenizer, prompt, [y_ws, y_wt, y_l], max_length=hp.max_length,
+            max_prompt_length=hp.max_prompt_length, eot_id=eot,
+        )  # fmt: skip
+        report.add(encoded)
+        row = {"prompt_ids": encoded.prompt_ids, "response_ids": encoded.response_ids}
+        if reference is not None:
+            row["ref_logps"] = reference[i].tolist()
+        rows.append(row)
+    return Dataset.from_list(rows), report
+
+
+def load_quadruples(url: str) -> pa.Table:
+    """Reads quadruples from Parquet (QUADRUPLES schema) or the authors' JSONL release format."""
+    if url.endswith((".jsonl", ".json")):
+        return from_authors_records(read_jsonl(url), where=url)
+    return read_parquet(url, QUADRUPLES)
+
+
+def prepare_reference(
+    job: WRPOJobConfig, table: pa.Table, tokenizer: PreTrainedTokenizerBase
+) -> np.ndarray | None:
+    """Stored reference log-probs for the job's data, computing and saving them once if missing.
+
+    Saved as `output_dir/quadruples_with_reference.parquet`, which a resumed job reuses.
+    Returns None when the job re-runs the reference every step instead.
+    """
+    hp = job.training
+    if not hp.precompute_reference or hp.loss_type == "simpo":
+        return None
+    reference_path = job.reference_model or job.model
+    settings = reference_settings(reference_path, hp.max_length, hp.max_prompt_length)
+    stored = stored_reference(table, settings, where=job.data)
+    if stored is not None:
+        return stored
+    cache = f"{job.output_dir}/{REFERENCE_FILE}"
+    if Path(cache).exists():
+        cached = pq.read_table(cache)
+        if cached.num_rows == table.num_rows and cached.column("prompt_id").equals(table.column("prompt_id")):
+            stored = stored_reference(cached, settings, where=cache)
+            if stored is not None:
+                return stored
+    dataset, _ = tokenize_quadruples(table, tokenizer, hp)
+    model = load_causal_lm(reference_path, trust_remote_code=job.trust_remote_code)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    logps = compute_reference_logps(
+        model, dataset, pad_token_id=tokenizer.pad_token_id, batch_size=2 * hp.per_device_train_batch_size
+    )
+    del model
+    Path(job.output_dir).mkdir(parents=True, exist_ok=True)
+    write_parquet(attach_reference(table, logps, settings), cache, QUADRUPLES)
+    return logps
+
+
+def train_wrpo(job: WRPOJobConfig) -> dict[str, float]:
+    """Runs a WRPO job end to end: reference log-probs (once), training, final HF-format model."""
+    hp = job.training
+    tokenizer = load_tokenizer(job.model, trust_remote_code=job.trust_remote_code)
+    table = load_quadruples(job.data)
+    if table.num_rows == 0:
+        raise ValueError(f"{job.data}: no quadruples to train on")
+    reference = prepare_reference(job, table, tokenizer)
+    dataset, report = tokenize_quadruples(table, tokenizer, hp, reference)
+    logger.info("WRPO data: %s", report)
+    ref_model = None
+    if reference is None and hp.loss_type != "simpo":
+        ref_model = load_causal_lm(job.reference_model or job.model, trust_remote_code=job.trust_remote_code)
+    trainer = WRPOTrainer(
+        model=load_causal_lm(job.model, trust_remote_code=job.trust_remote_code),
+        args=training_arguments(hp, job.output_dir),
+        train_dataset=dataset,
+        data_collator=ResponseCollator(pad_token_id=tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        callbacks=[JsonlMetricsCallback(f"{job.output_dir}/{METRICS_FILE}")],
+        wrpo=hp,
+        ref_model=ref_model,
+    )
+    metrics = run_training(trainer, job.output_dir)
+    return {
+        **metrics,
+        "prompts_truncated": report.prompts_truncated,
+        "responses_truncated": report.responses_truncated,
+    }

@@ -1,0 +1,88 @@
+"""HF sampler: per-sample seeds reproduce samples whatever the batch, n per prompt, finish reasons."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from wrpo_core.config import SamplingConfig
+from wrpo_core.sampling import HFSampler, sample_seed
+from wrpo_core.sampling.hf import PerRowSampling
+
+PROMPTS = ["reverse: abc", "add: 1+2", "upper: dog", "max_digit: 4821", "caesar: xyz"]
+IDS = [f"p{i}" for i in range(len(PROMPTS))]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+
+def sampler(model, tokenizer, batch_size, **sampling):
+    cfg = SamplingConfig(**{"n": 3, "max_new_tokens": 12, "temperature": 1.0, "top_p": 0.95, **sampling})
+    return HFSampler(model, tokenizer, "tiny", cfg, batch_size=batch_size, progress=False)
+
+
+def rows(table):
+    return sorted(
+        zip(*(table[c].to_pylist() for c in ("prompt_id", "sample_index", "text", "seed")), strict=True)
+    )
+
+
+def test_samples_reproduce_whatever_the_batch_size(model, toy_tokenizer):
+    a, report = sampler(model, toy_tokenizer, batch_size=5).sample(IDS, PROMPTS)
+    b, _ = sampler(model, toy_tokenizer, batch_size=2).sample(IDS, PROMPTS)
+    assert a.num_rows == 15 and report.samples == 15
+    assert rows(a) == rows(b)
+    texts = {t for _, _, t, _ in rows(a)}
+    assert len(texts) > 5, "samples of an untrained model at temperature 1 should differ"
+    assert set(a["finish_reason"].to_pylist()) <= {"stop", "length"}
+    for pid, k, _, seed in rows(a):
+        assert seed == sample_seed(42, "tiny", pid, k)
+
+
+def test_another_seed_changes_samples(model, toy_tokenizer):
+    a, _ = sampler(model, toy_tokenizer, batch_size=5).sample(IDS, PROMPTS)
+    b, _ = sampler(model, toy_tokenizer, batch_size=5, seed=7).sample(IDS, PROMPTS)
+    assert [t for *_, t, _ in rows(a)] != [t for *_, t, _ in rows(b)]
+
+
+def test_greedy_samples_match_plain_generate(model, toy_tokenizer):
+    table, _ = sampler(model, toy_tokenizer, batch_size=5, temperature=0.0, n=1).sample(IDS[:1], PROMPTS[:1])
+    ids = toy_tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROMPTS[0]}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
+    out = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=toy_tokenizer.eos_token_id)
+    expected = toy_tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    assert table["text"][0].as_py() == expected
+    assert table["prompt_tokens"][0].as_py() == ids.shape[1]
+
+
+def test_length_finish_and_token_counts(model, toy_tokenizer):
+    table, report = sampler(model, toy_tokenizer, batch_size=5, max_new_tokens=2).sample(IDS, PROMPTS)
+    for reason, tokens in zip(
+        table["finish_reason"].to_pylist(), table["completion_tokens"].to_pylist(), strict=True
+    ):
+        assert tokens <= 2
+        assert reason == "stop" or tokens == 2
+    assert report.finished_by_length == table["finish_reason"].to_pylist().count("length")
+
+
+def test_empty_prompt_skipped_and_long_prompt_truncated(model, toy_tokenizer):
+    s = sampler(model, toy_tokenizer, batch_size=4, n=1)
+    s.max_prompt_tokens = 20
+    table, report = s.sample(["e", "long", "ok"], ["   ", "reverse: " + "a" * 50, "add: 1+1"])
+    assert report.prompts_skipped_empty == 1 and report.skipped_ids == ["e"]
+    assert report.prompts_truncated == 1
+    assert sorted(table["prompt_id"].to_pylist()) == ["long", "ok"]
+    assert max(table["prompt_tokens"].to_pylist()) == 20
+
+
+def test_top_p_keeps_only_the_nucleus():
+    scores = torch.log(torch.tensor([[0.6, 0.3, 0.05, 0.05]]))
+    generator = torch.Generator().manual_seed(0)
+    processor = PerRowSampling([generator], temperature=1.0, top_p=0.8)
+    drawn = {int(processor(None, scores).argmax()) for _ in range(200)}
+    assert drawn == {0, 1}

@@ -1,0 +1,138 @@
+"""Reward models that score (prompt, response) pairs: HF sequence classifiers and the toy verifier.
+
+Scores are stored per sample with the reward model's id (SCORES schema). A NaN or infinite
+score fails, naming the sample. Custom-code reward models such as ArmoRM load only with an
+explicit `trust_remote_code: true` on that reward model's config.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import pyarrow as pa
+import torch
+from tqdm.auto import tqdm
+
+from wrpo_core.config import RewardModelSpec
+from wrpo_core.schemas import SCORES, DataError, conform
+
+
+class RewardScorer(Protocol):
+    """Anything that scores responses to prompts; `name` is stored with every score."""
+
+    name: str
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]: ...
+
+
+@dataclass
+class ToyVerifierScorer:
+    """The toy world's exact verifier: 1.0 for an exact answer, partial credit otherwise."""
+
+    name: str = "toy-verifier"
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        from wrpo_core.toy.skills import score_batch
+
+        return score_batch(list(prompts), list(responses))
+
+
+class SequenceClassifierScorer:
+    """A Hugging Face sequence classifier scoring the chat-templated [user, assistant] conversation.
+
+    Batched longest-first to minimise padding. Conversations longer than `max_length` tokens are
+    truncated from the LEFT, so the response (what is judged) is kept whole and the start of the
+    prompt goes first. Uses the model's `score` output when it has one (ArmoRM), else logit 0.
+    """
+
+    def __init__(self, spec: RewardModelSpec, *, device: str | None = None, progress: bool = True):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.name = spec.path
+        self.batch_size = spec.batch_size
+        self.max_length = spec.max_length
+        self.progress = progress
+        self.tokenizer = AutoTokenizer.from_pretrained(spec.path, trust_remote_code=spec.trust_remote_code)
+        self.tokenizer.truncation_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            spec.path, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code
+        ).eval()
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def _texts(self, prompts: Sequence[str], responses: Sequence[str]) -> list[str]:
+        return [
+            self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=False
+            )
+            for p, r in zip(prompts, responses, strict=True)
+        ]
+
+    @torch.inference_mode()
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        encoded = [
+            self.tokenizer(text, add_special_tokens=False, truncation=True, max_length=self.max_length)[
+                "input_ids"
+            ]
+            for text in self._texts(prompts, responses)
+        ]
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
+        scores = [0.0] * len(encoded)
+        pad = self.tokenizer.pad_token_id
+        for start in tqdm(
+            range(0, len(order), self.batch_size), desc=f"scoring {self.name}", disable=not self.progress
+        ):
+            index = order[start : start + self.batch_size]
+            width = max(len(encoded[i]) for i in index)
+            # Right padding: sequence classifiers pool at the last non-pad token.
+            ids = torch.full((len(index), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(index), width), dtype=torch.long)
+            for row, i in enumerate(index):
+                ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
+                mask[row, : len(encoded[i])] = 1
+            output = self.model(
+                input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device)
+            )
+            values = output.score if getattr(output, "score", None) is not None else output.logits[:, 0]
+            for row, i in enumerate(index):
+                scores[i] = float(values[row].float())
+        return scores
+
+
+def load_scorer(spec: RewardModelSpec, *, progress: bool = True) -> RewardScorer:
+    """The scorer a reward-model config names."""
+    if spec.kind == "toy_verifier":
+        return ToyVerifierScorer()
+    return SequenceClassifierScorer(spec, progress=progress)
+
+
+def score_samples(samples: pa.Table, prompt_by_id: dict[str, str], scorer: RewardScorer) -> pa.Table:
+    """SCORES rows for every sample; a missing prompt or a non-finite score fails naming the sample."""
+    ids = samples["prompt_id"].to_pylist()
+    missing = next((pid for pid in ids if pid not in prompt_by_id), None)
+    if missing is not None:
+        raise DataError(f"samples: prompt_id {missing} has no prompt text to score against")
+    values = scorer.score([prompt_by_id[pid] for pid in ids], samples["text"].to_pylist())
+    models, indices = samples["model"].to_pylist(), samples["sample_index"].to_pylist()
+    for pid, model, k, value in zip(ids, models, indices, values, strict=True):
+        if not math.isfinite(value):
+            raise DataError(
+                f"reward model {scorer.name} gave a non-finite score {value} to sample "
+                f"(prompt_id={pid}, model={model}, sample_index={k})"
+            )
+    table = pa.table(
+        {
+            "prompt_id": ids,
+            "model": models,
+            "sample_index": pa.array(indices, pa.int32()),
+            "reward_model": [scorer.name] * len(ids),
+            "score": pa.array(values, pa.float64()),
+        }
+    )
+    return conform(table, SCORES, where=f"scores by {scorer.name}")

@@ -12,7 +12,9 @@ from wrpo_core.sampling import HFSampler
 from wrpo_core.train.common import load_causal_lm, load_tokenizer
 
 
-def greedy_answers(model_path: str, prompts: list[str], *, max_new_tokens: int, batch_size: int = 64) -> list[str]:
+def greedy_answers(
+    model_path: str, prompts: list[str], *, max_new_tokens: int, batch_size: int = 64
+) -> list[str]:
     """One greedy response per prompt from the model at `model_path`, through the production sampler."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_causal_lm(model_path).to(device).eval()
@@ -40,6 +42,9 @@ def evaluate_model(
         groups[skill].append(reward)
         groups["all"].append(reward)
     return {
-        skill: {"accuracy": sum(r == 1.0 for r in values) / len(values), "mean_reward": sum(values) / len(values)}
+        skill: {
+            "accuracy": sum(r == 1.0 for r in values) / len(values),
+            "mean_reward": sum(values) / len(values),
+        }
         for skill, values in groups.items()
     }

@@ -51,7 +51,8 @@ class PerRowSampling(LogitsProcessor):
         if self.top_p < 1.0:
             sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
             cumulative = sorted_logits.softmax(-1).cumsum(-1)
-            drop = cumulative - sorted_logits.softmax(-1) >= self.top_p  # keep the smallest set reaching top_p
+            # Keep the smallest set of tokens whose probabilities reach top_p (always the top one).
+            drop = cumulative - sorted_logits.softmax(-1) >= self.top_p
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
             logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
         probs = logits.softmax(-1)
@@ -116,7 +117,12 @@ class HFSampler:
         report.prompts = len(encoded)
         columns: dict[str, list] = {name: [] for name in SAMPLES.names}
         n = self.sampling.n
-        bar = tqdm(total=len(encoded) * n, desc=f"sampling {self.model_name}", unit="sample", disable=not self.progress)
+        bar = tqdm(
+            total=len(encoded) * n,
+            desc=f"sampling {self.model_name}",
+            unit="sample",
+            disable=not self.progress,
+        )
         for first in range(0, len(encoded), self.batch_size):
             chunk = encoded[first : first + self.batch_size]
             rows = [(pid, ids, k) for pid, ids in chunk for k in range(n)]
@@ -127,9 +133,15 @@ class HFSampler:
         report.seconds = time.perf_counter() - start
         return conform(pa.table(columns), SAMPLES, where=f"samples of {self.model_name}"), report
 
-    def _generate(self, rows: list[tuple[str, list[int], int]], columns: dict[str, list], report: SamplingReport) -> None:
+    def _generate(
+        self, rows: list[tuple[str, list[int], int]], columns: dict[str, list], report: SamplingReport
+    ) -> None:
         device = self.model.device
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        pad = (
+            self.tokenizer.pad_token_id
+            if self.tokenizer.pad_token_id is not None
+            else self.tokenizer.eos_token_id
+        )
         eot = end_of_turn_id(self.tokenizer)
         width = max(len(ids) for _, ids, _ in rows)
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -140,7 +152,11 @@ class HFSampler:
         seeds = [sample_seed(self.sampling.seed, self.model_name, pid, k) for pid, _, k in rows]
         generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
         config = GenerationConfig(
-            do_sample=False, max_new_tokens=self.sampling.max_new_tokens, pad_token_id=pad, eos_token_id=eot, num_beams=1
+            do_sample=False,
+            max_new_tokens=self.sampling.max_new_tokens,
+            pad_token_id=pad,
+            eos_token_id=eot,
+            num_beams=1,
         )
         out = self.model.generate(
             input_ids=input_ids.to(device),

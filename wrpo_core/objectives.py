@@ -49,6 +49,18 @@ def _split_chosen(
     return chosen[:, 0], chosen[:, 1], rejected
 
 
+def _implicit_rewards(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """r(y) = log pi(y|x) - log pi_ref(y|x) of y_ws, y_wt and y_l, each (batch,)."""
+    pol_ws, pol_wt, pol_l = _split_chosen(policy_chosen, policy_rejected)
+    ref_ws, ref_wt, ref_l = _split_chosen(ref_chosen, ref_rejected)
+    return pol_ws - ref_ws, pol_wt - ref_wt, pol_l - ref_l
+
+
 def _check_alpha(alpha: float) -> None:
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -84,9 +96,9 @@ def wrpo_loss(
 ) -> WRPOLossOutput:
     """WRPO's sigmoid loss (the paper's objective), with cDPO-style label smoothing as in TRL."""
     _check_alpha(alpha)
-    pol_ws, pol_wt, pol_l = _split_chosen(policy_chosen_logps, policy_rejected_logps)
-    ref_ws, ref_wt, ref_l = _split_chosen(reference_chosen_logps, reference_rejected_logps)
-    r_ws, r_wt, r_l = pol_ws - ref_ws, pol_wt - ref_wt, pol_l - ref_l
+    r_ws, r_wt, r_l = _implicit_rewards(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+    )
     logits = alpha * r_ws + (1 - alpha) * r_wt - r_l
     losses = (
         -F.logsigmoid(beta * logits) * (1 - label_smoothing) - F.logsigmoid(-beta * logits) * label_smoothing
@@ -108,9 +120,9 @@ def wrpo_ipo_loss(
     Pass length-averaged log-probs to match TRL's IPO (the trainer does so for loss_type 'ipo').
     """
     _check_alpha(alpha)
-    pol_ws, pol_wt, pol_l = _split_chosen(policy_chosen_logps, policy_rejected_logps)
-    ref_ws, ref_wt, ref_l = _split_chosen(reference_chosen_logps, reference_rejected_logps)
-    r_ws, r_wt, r_l = pol_ws - ref_ws, pol_wt - ref_wt, pol_l - ref_l
+    r_ws, r_wt, r_l = _implicit_rewards(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+    )
     h = alpha * r_ws + (1 - alpha) * r_wt - r_l
     losses = (h - 1 / (2 * beta)) ** 2
     return WRPOLossOutput(losses, _reward_metrics(r_ws, r_wt, r_l, alpha=alpha, scale=beta))

@@ -40,11 +40,14 @@ def compute_reference_logps(
     pad_token_id: int,
     batch_size: int = 8,
     device: torch.device | str | None = None,
+    autocast_dtype: torch.dtype | None = None,
     progress: bool = True,
 ) -> np.ndarray:
     """Summed reference log-probs of [y_ws, y_wt, y_l] for every example, shape (rows, 3).
 
     Examples are batched longest-first so padding is minimal; results come back in row order.
+    `autocast_dtype` (e.g. bf16) should match the policy's mixed precision during training, so
+    that the implicit rewards start at exactly zero.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval()
@@ -64,7 +67,8 @@ def compute_reference_logps(
             ]
         )
         batch = {k: v.to(device) for k, v in batch.items()}
-        logps, _ = grouped_logps(model, batch)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logps, _ = grouped_logps(model, batch)
         result[index] = logps.double().cpu().numpy()
     if not np.isfinite(result).all():
         bad = int(np.argwhere(~np.isfinite(result))[0][0])

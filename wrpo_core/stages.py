@@ -214,11 +214,20 @@ def select_target(cfg: FusionConfig, layout: RunLayout) -> dict:
 
 
 def wrpo(
-    cfg: FusionConfig, layout: RunLayout, *, name: str = "wrpo", training: WRPOConfig | None = None
+    cfg: FusionConfig,
+    layout: RunLayout,
+    *,
+    name: str = "wrpo",
+    training: WRPOConfig | None = None,
+    data: str | None = None,
 ) -> dict:
-    """WRPO training from Target-SFT (reference log-probs computed once, inside the job)."""
+    """WRPO training from Target-SFT (reference log-probs computed once, inside the job).
+
+    `data` defaults to the run's quadruples; pass quadruples that already carry reference
+    log-probs (e.g. another job's stored file) to skip the reference pass.
+    """
     job = WRPOJobConfig(
-        model=layout.model(TARGET_SFT), data=layout.quadruples, output_dir=layout.model(name),
+        model=layout.model(TARGET_SFT), data=data or layout.quadruples, output_dir=layout.model(name),
         trust_remote_code=cfg.target.trust_remote_code, training=training or cfg.wrpo,
     )  # fmt: skip
     metrics = train_wrpo(job)

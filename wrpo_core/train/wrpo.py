@@ -42,6 +42,7 @@ from wrpo_core.tokenization import ResponseCollator, TokenizeReport, encode_exam
 from wrpo_core.train.common import (
     METRICS_FILE,
     JsonlMetricsCallback,
+    bf16_default,
     load_causal_lm,
     load_tokenizer,
     run_training,
@@ -100,7 +101,8 @@ class WRPOTrainer(Trainer):
 
     def _reference_logps(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.ref_model is not None:
-            with torch.no_grad():
+            # The same mixed precision as the policy's forward (accelerate patches only the policy).
+            with torch.no_grad(), self.accelerator.autocast():
                 return grouped_logps(self.ref_model, inputs)[0]
         if "ref_logps" not in inputs:
             raise ValueError(
@@ -216,13 +218,38 @@ def prepare_reference(
     model = load_causal_lm(reference_path, trust_remote_code=job.trust_remote_code)
     if torch.cuda.is_available():
         model = model.to("cuda")
+    bf16 = bf16_default() if hp.bf16 is None else hp.bf16
     logps = compute_reference_logps(
-        model, dataset, pad_token_id=tokenizer.pad_token_id, batch_size=2 * hp.per_device_train_batch_size
+        model,
+        dataset,
+        pad_token_id=tokenizer.pad_token_id,
+        batch_size=2 * hp.per_device_train_batch_size,
+        autocast_dtype=torch.bfloat16 if bf16 else None,
     )
     del model
     Path(job.output_dir).mkdir(parents=True, exist_ok=True)
     write_parquet(attach_reference(table, logps, settings), cache, QUADRUPLES)
     return logps
+
+
+def build_wrpo_trainer(
+    job: WRPOJobConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: Dataset,
+    ref_model: PreTrainedModel | None,
+    trainer_class: type[WRPOTrainer] = WRPOTrainer,
+) -> WRPOTrainer:
+    """The job's trainer: policy loaded from `job.model`, metrics to output_dir/metrics.jsonl."""
+    return trainer_class(
+        model=load_causal_lm(job.model, trust_remote_code=job.trust_remote_code),
+        args=training_arguments(job.training, job.output_dir),
+        train_dataset=dataset,
+        data_collator=ResponseCollator(pad_token_id=tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        callbacks=[JsonlMetricsCallback(f"{job.output_dir}/{METRICS_FILE}")],
+        wrpo=job.training,
+        ref_model=ref_model,
+    )
 
 
 def train_wrpo(job: WRPOJobConfig) -> dict[str, float]:
@@ -238,16 +265,7 @@ def train_wrpo(job: WRPOJobConfig) -> dict[str, float]:
     ref_model = None
     if reference is None and hp.loss_type != "simpo":
         ref_model = load_causal_lm(job.reference_model or job.model, trust_remote_code=job.trust_remote_code)
-    trainer = WRPOTrainer(
-        model=load_causal_lm(job.model, trust_remote_code=job.trust_remote_code),
-        args=training_arguments(hp, job.output_dir),
-        train_dataset=dataset,
-        data_collator=ResponseCollator(pad_token_id=tokenizer.pad_token_id),
-        processing_class=tokenizer,
-        callbacks=[JsonlMetricsCallback(f"{job.output_dir}/{METRICS_FILE}")],
-        wrpo=hp,
-        ref_model=ref_model,
-    )
+    trainer = build_wrpo_trainer(job, tokenizer, dataset, ref_model)
     metrics = run_training(trainer, job.output_dir)
     return {
         **metrics,

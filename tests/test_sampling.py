@@ -86,3 +86,49 @@ def test_top_p_keeps_only_the_nucleus():
     processor = PerRowSampling([generator], temperature=1.0, top_p=0.8)
     drawn = {int(processor(None, scores).argmax()) for _ in range(200)}
     assert drawn == {0, 1}
+
+
+def test_vllm_sampler_up_to_the_engine_call(toy_tokenizer, monkeypatch):
+    """vLLM cannot run here: a stand-in engine checks the requests and maps its outputs to rows."""
+    import sys
+    import types
+
+    from wrpo_core.config import ModelSpec
+    from wrpo_core.sampling.vllm import VLLMSampler
+
+    class SamplingParams:
+        def __init__(self, **kwargs):
+            self.__dict__.update(kwargs)
+
+    fake = types.ModuleType("vllm")
+    fake.SamplingParams = SamplingParams
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+
+    class Engine:
+        def generate(self, prompts, params, use_tqdm):
+            self.prompts, self.params = prompts, params
+            done = types.SimpleNamespace(text="cba", token_ids=[1, 2, 3, 7], finish_reason="stop")
+            cut = types.SimpleNamespace(text="cbaaa", token_ids=[1] * 5, finish_reason="length")
+            return [types.SimpleNamespace(outputs=[done if i % 2 == 0 else cut]) for i in range(len(prompts))]
+
+    spec = ModelSpec(
+        path="org/m", name="m", backend="vllm", sampling={"n": 2, "max_new_tokens": 5, "seed": 3}
+    )
+    engine = Engine()
+    table, report = VLLMSampler(engine, toy_tokenizer, spec, progress=False).sample(
+        ["a", "e"], ["reverse: abc", " "]
+    )
+    expected_ids = toy_tokenizer(
+        toy_tokenizer.apply_chat_template([{"role": "user", "content": "reverse: abc"}], tokenize=False,
+                                          add_generation_prompt=True), add_special_tokens=False
+    )["input_ids"]  # fmt: skip
+    assert [p["prompt_token_ids"] for p in engine.prompts] == [expected_ids, expected_ids]
+    assert expected_ids.count(toy_tokenizer.bos_token_id) == 1
+    first = engine.params[0]
+    assert (first.n, first.temperature, first.top_p, first.max_tokens) == (1, 0.8, 0.95, 5)
+    assert first.stop_token_ids == [toy_tokenizer.eos_token_id]
+    assert [p.seed for p in engine.params] == [sample_seed(3, "m", "a", 0), sample_seed(3, "m", "a", 1)]
+    assert table["finish_reason"].to_pylist() == ["stop", "length"]
+    assert table["completion_tokens"].to_pylist() == [4, 5]
+    assert table["sample_index"].to_pylist() == [0, 1]
+    assert report.prompts_skipped_empty == 1 and report.finished_by_length == 1

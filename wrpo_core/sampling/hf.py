@@ -10,9 +10,8 @@ the template), sorted by length, left-padded, and each prompt's n samples share 
 
 from __future__ import annotations
 
-import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pyarrow as pa
 import torch
@@ -26,14 +25,8 @@ from transformers import (
 )
 
 from wrpo_core.config import SamplingConfig
-from wrpo_core.schemas import SAMPLES, conform
-from wrpo_core.tokenization import end_of_turn_id, prompt_text
-
-
-def sample_seed(base_seed: int, model: str, prompt_id: str, sample_index: int) -> int:
-    """A 63-bit seed derived from (base seed, model name, prompt_id, sample index)."""
-    digest = hashlib.sha256(f"{base_seed}|{model}|{prompt_id}|{sample_index}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
+from wrpo_core.sampling.common import SampleRows, SamplingReport, encode_prompts, sample_seed
+from wrpo_core.tokenization import end_of_turn_id
 
 
 class PerRowSampling(LogitsProcessor):
@@ -64,24 +57,6 @@ class PerRowSampling(LogitsProcessor):
 
 
 @dataclass
-class SamplingReport:
-    """What a sampling run did: prompts, samples, tokens, skipped/truncated prompts, throughput."""
-
-    prompts: int = 0
-    samples: int = 0
-    completion_tokens: int = 0
-    prompts_truncated: int = 0
-    prompts_skipped_empty: int = 0
-    finished_by_length: int = 0
-    seconds: float = 0.0
-    skipped_ids: list[str] = field(default_factory=list)
-
-    @property
-    def samples_per_second(self) -> float:
-        return self.samples / self.seconds if self.seconds else 0.0
-
-
-@dataclass
 class HFSampler:
     """Samples n responses per prompt from one causal LM with transformers' `generate`."""
 
@@ -93,29 +68,15 @@ class HFSampler:
     max_prompt_tokens: int = 1800
     progress: bool = True
 
-    def _encode(self, prompt: str) -> tuple[list[int], bool]:
-        ids = list(self.tokenizer(prompt_text(self.tokenizer, prompt), add_special_tokens=False)["input_ids"])
-        if len(ids) <= self.max_prompt_tokens:
-            return ids, False
-        return ids[-self.max_prompt_tokens :], True  # keep the end: the question and the assistant header
-
     @torch.inference_mode()
     def sample(self, prompt_ids: list[str], prompts: list[str]) -> tuple[pa.Table, SamplingReport]:
         """SAMPLES rows for every (prompt, sample index); empty prompts are skipped and counted."""
         report = SamplingReport()
         start = time.perf_counter()
-        encoded = []
-        for pid, prompt in zip(prompt_ids, prompts, strict=True):
-            if not prompt.strip():
-                report.prompts_skipped_empty += 1
-                report.skipped_ids.append(pid)
-                continue
-            ids, truncated = self._encode(prompt)
-            report.prompts_truncated += truncated
-            encoded.append((pid, ids))
-        encoded.sort(key=lambda item: len(item[1]), reverse=True)
-        report.prompts = len(encoded)
-        columns: dict[str, list] = {name: [] for name in SAMPLES.names}
+        encoded = encode_prompts(
+            self.tokenizer, prompt_ids, prompts, max_prompt_tokens=self.max_prompt_tokens, report=report
+        )
+        rows = SampleRows(self.model_name, report)
         n = self.sampling.n
         bar = tqdm(
             total=len(encoded) * n,
@@ -124,18 +85,15 @@ class HFSampler:
             disable=not self.progress,
         )
         for first in range(0, len(encoded), self.batch_size):
-            chunk = encoded[first : first + self.batch_size]
-            rows = [(pid, ids, k) for pid, ids in chunk for k in range(n)]
-            self._generate(rows, columns, report)
-            bar.update(len(rows))
+            chunk = [(pid, ids, k) for pid, ids in encoded[first : first + self.batch_size] for k in range(n)]
+            self._generate(chunk, rows)
+            bar.update(len(chunk))
             bar.set_postfix(samples_per_s=f"{bar.n / max(time.perf_counter() - start, 1e-9):.1f}")
         bar.close()
         report.seconds = time.perf_counter() - start
-        return conform(pa.table(columns), SAMPLES, where=f"samples of {self.model_name}"), report
+        return rows.table(), report
 
-    def _generate(
-        self, rows: list[tuple[str, list[int], int]], columns: dict[str, list], report: SamplingReport
-    ) -> None:
+    def _generate(self, rows: list[tuple[str, list[int], int]], sink: SampleRows) -> None:
         device = self.model.device
         pad = (
             self.tokenizer.pad_token_id
@@ -170,14 +128,6 @@ class HFSampler:
         for (pid, ids, k), seed, tokens in zip(rows, seeds, new_tokens, strict=True):
             finished = eot in tokens
             completion = tokens[: tokens.index(eot)] if finished else tokens
-            columns["prompt_id"].append(pid)
-            columns["model"].append(self.model_name)
-            columns["sample_index"].append(k)
-            columns["text"].append(self.tokenizer.decode(completion, skip_special_tokens=True))
-            columns["finish_reason"].append("stop" if finished else "length")
-            columns["prompt_tokens"].append(len(ids))
-            columns["completion_tokens"].append(len(completion) + int(finished))
-            columns["seed"].append(seed)
-            report.samples += 1
-            report.completion_tokens += len(completion) + int(finished)
-            report.finished_by_length += not finished
+            text = self.tokenizer.decode(completion, skip_special_tokens=True)
+            sink.add(pid, k, text, finished=finished, prompt_tokens=len(ids),
+                    completion_tokens=len(completion) + int(finished), seed=seed)  # fmt: skip

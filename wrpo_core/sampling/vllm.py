@@ -1,0 +1,95 @@
+"""Sampling with vLLM's offline engine (GPU): same prompts, seeds and SAMPLES rows as the HF sampler.
+
+Each (prompt, sample index) is one request with n=1 and its own seed, so samples reproduce
+per sample like the HF backend; vLLM's prefix caching shares the n copies of a prompt. The
+engine uses tensor parallelism over `tensor_parallel_size` GPUs. vLLM is imported lazily:
+this module imports without it.
+
+Not run in this project's CI (vLLM needs a CUDA GPU); everything up to the engine call is
+unit-tested with a stand-in engine.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+from transformers import PreTrainedTokenizerBase
+
+from wrpo_core.config import ModelSpec
+from wrpo_core.sampling.common import SampleRows, SamplingReport, encode_prompts, sample_seed
+from wrpo_core.tokenization import end_of_turn_id
+
+
+def build_engine(
+    spec: ModelSpec, *, max_model_len: int | None = None, gpu_memory_utilization: float = 0.9
+) -> Any:
+    """vLLM's `LLM` for a model spec (hub id or local path), with tensor parallelism."""
+    try:
+        from vllm import LLM
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            f"model {spec.name}: backend 'vllm' needs vLLM on a CUDA machine (pip install '.[gpu]')"
+        ) from error
+    return LLM(
+        model=spec.path,
+        tokenizer=spec.path,
+        revision=spec.revision,
+        dtype=spec.dtype,
+        tensor_parallel_size=spec.tensor_parallel_size,
+        trust_remote_code=spec.trust_remote_code,
+        seed=spec.sampling.seed,
+        max_model_len=max_model_len,
+        gpu_memory_utilization=gpu_memory_utilization,
+    )
+
+
+@dataclass
+class VLLMSampler:
+    """Samples n responses per prompt through a vLLM engine (`engine.generate` on token ids)."""
+
+    engine: Any
+    tokenizer: PreTrainedTokenizerBase
+    spec: ModelSpec
+    max_prompt_tokens: int = 1800
+    progress: bool = True
+
+    def sample(self, prompt_ids: list[str], prompts: list[str]) -> tuple[pa.Table, SamplingReport]:
+        """SAMPLES rows for every (prompt, sample index); empty prompts are skipped and counted."""
+        from vllm import SamplingParams
+
+        report = SamplingReport()
+        start = time.perf_counter()
+        encoded = encode_prompts(
+            self.tokenizer, prompt_ids, prompts, max_prompt_tokens=self.max_prompt_tokens, report=report
+        )
+        s = self.spec.sampling
+        eot = end_of_turn_id(self.tokenizer)
+        requests = [(pid, ids, k) for pid, ids in encoded for k in range(s.n)]
+        seeds = [sample_seed(s.seed, self.spec.name, pid, k) for pid, _, k in requests]
+        params = [
+            SamplingParams(
+                n=1,
+                temperature=s.temperature,
+                top_p=s.top_p,
+                max_tokens=s.max_new_tokens,
+                seed=seed,
+                stop_token_ids=[eot],
+                skip_special_tokens=True,
+            )
+            for seed in seeds
+        ]
+        outputs = self.engine.generate(
+            [{"prompt_token_ids": ids} for _, ids, _ in requests], params, use_tqdm=self.progress
+        )
+        rows = SampleRows(self.spec.name, report)
+        for (pid, ids, k), seed, output in zip(requests, seeds, outputs, strict=True):
+            completion = output.outputs[0]
+            finished = completion.finish_reason == "stop"
+            tokens = len(completion.token_ids)
+            rows.add(pid, k, completion.text, finished=finished, prompt_tokens=len(ids),
+                     completion_tokens=tokens, seed=seed)  # fmt: skip
+        report.seconds = time.perf_counter() - start
+        return rows.table(), report

@@ -1,0 +1,125 @@
+"""Ray fan-out: shards written once, reruns skip them, a dead actor's shard is retried, a killed run resumes."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from wrpo_core.config import ComputeConfig, ModelSpec
+from wrpo_core.fanout import SamplingWorker, plan_shards, read_shards, run_shards, sample_model
+from wrpo_core.prompts import prompt_id_of
+from wrpo_core.schemas import PROMPTS, SAMPLES, write_parquet
+
+pytestmark = pytest.mark.integration
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Workers cannot import this test module by name: ship its classes by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def write_prompts(path: Path, n: int) -> str:
+    texts = [f"reverse: word{i}" for i in range(n)]
+    write_parquet(
+        pa.table({"prompt_id": [prompt_id_of(t) for t in texts], "prompt": texts}), str(path), PROMPTS
+    )
+    return str(path)
+
+
+def spec(model_dir: str) -> ModelSpec:
+    return ModelSpec(path=model_dir, name="tiny", sampling={"n": 2, "max_new_tokens": 4, "temperature": 1.0})
+
+
+def keys(table: pa.Table) -> list[tuple]:
+    return sorted(
+        zip(
+            table["prompt_id"].to_pylist(),
+            table["model"].to_pylist(),
+            table["sample_index"].to_pylist(),
+            strict=True,
+        )
+    )
+
+
+def test_every_row_once_and_rerun_skips(local_ray, tmp_path, tiny_model_dir):
+    prompts = write_prompts(tmp_path / "prompts.parquet", 10)
+    out = str(tmp_path / "samples")
+    shards, results = sample_model(
+        spec(tiny_model_dir), prompts, out, ComputeConfig(), shard_size=3, num_actors=2
+    )
+    assert [s.index for s in shards] == [0, 1, 2, 3] and sorted(results) == [0, 1, 2, 3]
+    table = read_shards(out, shards, SAMPLES)
+    assert len(keys(table)) == 20 == len(set(keys(table)))
+    again_shards, again = sample_model(spec(tiny_model_dir), prompts, out, ComputeConfig(), shard_size=3)
+    assert again == {} and again_shards == shards
+
+
+class DiesOnce(SamplingWorker):
+    """Dies (the whole actor process) the first time it meets shard 1."""
+
+    def run(self, shard):
+        marker = Path(shard.out_url).parent / "died-once"
+        if shard.index == 1 and not marker.exists():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text("x")
+            os._exit(1)
+        return super().run(shard)
+
+
+def test_dead_actor_shard_is_retried(local_ray, tmp_path, tiny_model_dir):
+    prompts = write_prompts(tmp_path / "prompts.parquet", 6)
+    out = str(tmp_path / "samples")
+    shards = plan_shards(6, 2, out)
+    actor = ray.remote(DiesOnce).options(num_cpus=1, max_restarts=0)
+    results = run_shards(
+        lambda: actor.remote(spec(tiny_model_dir), prompts, device="cpu"),
+        shards, lambda a, s: a.run.remote(s), num_actors=2,
+    )  # fmt: skip
+    assert (Path(out) / "died-once").exists()
+    assert sorted(results) == [0, 1, 2]
+    assert len(set(keys(read_shards(out, shards, SAMPLES)))) == 12
+
+
+def test_killed_run_resumes_with_every_row_once(tmp_path, tiny_model_dir):
+    prompts = write_prompts(tmp_path / "prompts.parquet", 80)
+    out = tmp_path / "samples"
+    script = tmp_path / "run.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import os, time, ray
+        os.environ["RAY_AUTH_MODE"] = "disabled"
+        from wrpo_core.config import ComputeConfig, ModelSpec
+        from wrpo_core.fanout import sample_model
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+        spec = ModelSpec(path={tiny_model_dir!r}, name="tiny", sampling={{"n": 2, "max_new_tokens": 24}})
+        sample_model(spec, {prompts!r}, {str(out)!r}, ComputeConfig(), shard_size=2, num_actors=1)
+    """)
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    process = subprocess.Popen([sys.executable, str(script)], env=env, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out.glob("part-*.parquet"))) < 2:
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    written = len(list(out.glob("part-*.parquet")))
+    assert 2 <= written < 40, "the run should have been killed part-way"
+    subprocess.run([sys.executable, str(script)], env=env, check=True, timeout=300,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    shards = plan_shards(80, 2, str(out))
+    table = read_shards(str(out), shards, SAMPLES)
+    assert len(keys(table)) == 160 == len(set(keys(table)))
+    assert not list(out.glob(".*tmp*")), "no temporary files are left behind"

@@ -1,0 +1,283 @@
+"""Fan-out of sampling and scoring over Ray actors, in deterministic, resumable shards.
+
+One actor per model replica holds its model for its whole life (a GPU per tensor-parallel
+rank; a placement group when more than one). Work units are (model, prompt shard); an actor
+reads its prompts from storage and writes its Parquet shard straight to storage, so large
+data never passes through the driver. Shard keys are deterministic (`part-00003.parquet`), a
+rerun skips shards already written (writes are atomic), and a shard whose actor dies is
+retried, a bounded number of times, on a fresh actor. The same code runs on a local Ray (this
+machine's CPUs) and on an existing cluster (`address`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+
+from wrpo_core.config import ComputeConfig, ModelSpec, RewardModelSpec
+from wrpo_core.schemas import PROMPTS, SAMPLES, SCORES, read_parquet, write_parquet
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One work unit: rows [start, stop) of a prompts (or samples) file, written to `out_url`."""
+
+    index: int
+    start: int
+    stop: int
+    out_url: str
+
+
+def shard_key(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def plan_shards(num_rows: int, shard_size: int, out_dir: str) -> list[Shard]:
+    """Deterministic shards of `shard_size` rows over a file of `num_rows` rows."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    return [
+        Shard(i, start, min(start + shard_size, num_rows), f"{out_dir.rstrip('/')}/{shard_key(i)}")
+        for i, start in enumerate(range(0, num_rows, shard_size))
+    ]
+
+
+def shard_exists(url: str) -> bool:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.exists(path)
+
+
+def read_shards(out_dir: str, shards: list[Shard], schema: pa.Schema) -> pa.Table:
+    """All shards of a finished fan-out, in shard order."""
+    return pa.concat_tables([read_parquet(s.out_url, schema) for s in shards])
+
+
+# --- workers (plain classes; Ray wraps them as actors) ------------------------------------------
+
+
+def _torch_threads(num_cpus: float) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, int(num_cpus)))
+
+
+class SamplingWorker:
+    """Holds one model (HF or vLLM) and samples prompt shards into SAMPLES shard files."""
+
+    def __init__(
+        self, spec: ModelSpec, prompts_url: str, *, device: str, num_cpus: float = 1.0, batch_size: int = 32
+    ):
+        _torch_threads(num_cpus)
+        self.spec = spec
+        self.prompts = read_parquet(prompts_url, PROMPTS)
+        from wrpo_core.train.common import load_tokenizer
+
+        tokenizer = load_tokenizer(spec.path, trust_remote_code=spec.trust_remote_code)
+        if spec.backend == "vllm":
+            from wrpo_core.sampling.vllm import VLLMSampler, build_engine
+
+            self.sampler = VLLMSampler(build_engine(spec), tokenizer, spec, progress=False)
+        else:
+            from wrpo_core.sampling.hf import HFSampler
+            from wrpo_core.train.common import load_causal_lm
+
+            model = load_causal_lm(spec.path, trust_remote_code=spec.trust_remote_code, dtype=spec.dtype)
+            self.sampler = HFSampler(model.to(device).eval(), tokenizer, spec.name, spec.sampling,
+                                     batch_size=batch_size, progress=False)  # fmt: skip
+
+    def run(self, shard: Shard) -> dict[str, Any]:
+        rows = self.prompts.slice(shard.start, shard.stop - shard.start)
+        table, report = self.sampler.sample(rows["prompt_id"].to_pylist(), rows["prompt"].to_pylist())
+        write_parquet(table, shard.out_url, SAMPLES)
+        return {"shard": shard.index, "samples": report.samples, "completion_tokens": report.completion_tokens,
+                "seconds": report.seconds, "prompts_truncated": report.prompts_truncated,
+                "prompts_skipped_empty": report.prompts_skipped_empty}  # fmt: skip
+
+
+class ScoringWorker:
+    """Holds one reward model and scores sample shards into SCORES shard files."""
+
+    def __init__(self, spec: RewardModelSpec, prompts_url: str, *, num_cpus: float = 1.0):
+        _torch_threads(num_cpus)
+        from wrpo_core.rewards import load_scorer
+
+        prompts = read_parquet(prompts_url, PROMPTS)
+        self.prompt_by_id = dict(
+            zip(prompts["prompt_id"].to_pylist(), prompts["prompt"].to_pylist(), strict=True)
+        )
+        self.scorer = load_scorer(spec, progress=False)
+
+    def run(self, shard: Shard, samples_url: str) -> dict[str, Any]:
+        from wrpo_core.rewards import score_samples
+
+        samples = read_parquet(samples_url, SAMPLES)
+        scores = score_samples(samples, self.prompt_by_id, self.scorer)
+        write_parquet(scores, shard.out_url, SCORES)
+        return {
+            "shard": shard.index,
+            "scored": scores.num_rows,
+            "score_sum": float(sum(scores["score"].to_pylist())),
+        }
+
+
+# --- the driver ----------------------------------------------------------------------------------
+
+
+def init_ray(compute: ComputeConfig) -> None:
+    """Connects to `compute.ray_address`, or starts a local Ray sized to this machine."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if compute.ray_address:
+        ray.init(address=compute.ray_address, ignore_reinit_error=True, log_to_driver=False)
+    else:
+        ray.init(include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+
+
+def actor_options(spec: ModelSpec | None, compute: ComputeConfig) -> dict[str, Any]:
+    """Ray resources of one replica: GPUs = tensor-parallel size; a placement group when > 1."""
+    tp = spec.tensor_parallel_size if spec is not None else 1
+    gpus = compute.num_gpus_per_actor or (float(tp) if spec is not None and spec.backend == "vllm" else 0.0)
+    if tp > 1:
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        group = placement_group([{"GPU": 1, "CPU": 1}] * tp, strategy="STRICT_PACK")
+        strategy = PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)
+        # vLLM starts one worker per rank inside the group; the actor itself holds no GPU.
+        return {"num_cpus": compute.num_cpus_per_actor, "num_gpus": 0, "scheduling_strategy": strategy}
+    return {"num_cpus": compute.num_cpus_per_actor, "num_gpus": gpus}
+
+
+def run_shards(
+    make_actor: Callable[[], Any],
+    shards: list[Shard],
+    call: Callable[[Any, Shard], Any],
+    *,
+    num_actors: int,
+    max_attempts: int = 3,
+    desc: str = "shards",
+    on_done: Callable[[Shard, dict], None] | None = None,
+) -> dict[int, dict]:
+    """Runs every shard not yet written on a pool of actors; retries a dead actor's shard elsewhere.
+
+    `make_actor()` creates one Ray actor handle; `call(actor, shard)` returns its ObjectRef.
+    A shard whose actor dies is retried on a fresh actor, up to `max_attempts` tries; an error
+    raised by the work itself (bad data) is not retried and fails naming the shard.
+    """
+    import ray
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+    from tqdm.auto import tqdm
+
+    pending = [s for s in shards if not shard_exists(s.out_url)]
+    skipped = len(shards) - len(pending)
+    if skipped:
+        logger.info("%s: %d of %d shards already written, skipped", desc, skipped, len(shards))
+    results: dict[int, dict] = {}
+    attempts: dict[int, int] = {}
+    idle = [make_actor() for _ in range(min(num_actors, len(pending)))]
+    running: dict[Any, tuple[Any, Shard]] = {}
+    bar = tqdm(total=len(pending), desc=desc, unit="shard")
+    start = time.perf_counter()
+    while pending or running:
+        while pending and idle:
+            shard, actor = pending.pop(0), idle.pop()
+            attempts[shard.index] = attempts.get(shard.index, 0) + 1
+            running[call(actor, shard)] = (actor, shard)
+        ready, _ = ray.wait(list(running), num_returns=1)
+        actor, shard = running.pop(ready[0])
+        try:
+            result = ray.get(ready[0])
+        except (RayActorError, ActorDiedError, ActorUnavailableError) as error:
+            if attempts[shard.index] >= max_attempts:
+                bar.close()
+                raise RuntimeError(
+                    f"{desc}: shard {shard.index} ({shard.out_url}) failed {max_attempts} times: {error}"
+                ) from error
+            logger.warning(
+                "%s: actor died on shard %d (attempt %d); retrying on a new actor",
+                desc,
+                shard.index,
+                attempts[shard.index],
+            )
+            pending.insert(0, shard)
+            idle.append(make_actor())
+            continue
+        except Exception as error:
+            bar.close()
+            raise RuntimeError(f"{desc}: shard {shard.index} ({shard.out_url}) failed: {error}") from error
+        results[shard.index] = result
+        if on_done is not None:
+            on_done(shard, result)
+        idle.append(actor)
+        bar.update(1)
+        bar.set_postfix(shards_per_min=f"{60 * bar.n / max(time.perf_counter() - start, 1e-9):.1f}")
+    bar.close()
+    return results
+
+
+def sample_model(
+    spec: ModelSpec,
+    prompts_url: str,
+    out_dir: str,
+    compute: ComputeConfig,
+    *,
+    shard_size: int = 256,
+    num_actors: int = 1,
+    device: str = "cpu",
+    batch_size: int = 32,
+) -> tuple[list[Shard], dict[int, dict]]:
+    """Samples every prompt shard of one model on Ray actors; returns the shards and per-shard results."""
+    import ray
+
+    init_ray(compute)
+    num_rows = read_parquet(prompts_url, PROMPTS).num_rows
+    shards = plan_shards(num_rows, shard_size, out_dir)
+    actor_class = ray.remote(SamplingWorker).options(**actor_options(spec, compute))
+
+    def make_actor():
+        return actor_class.remote(spec, prompts_url, device=device, num_cpus=compute.num_cpus_per_actor,
+                                  batch_size=batch_size)  # fmt: skip
+
+    results = run_shards(make_actor, shards, lambda actor, shard: actor.run.remote(shard),
+                         num_actors=num_actors, desc=f"sampling {spec.name}")  # fmt: skip
+    return shards, results
+
+
+def score_model(
+    spec: RewardModelSpec,
+    prompts_url: str,
+    sample_shards: list[Shard],
+    out_dir: str,
+    compute: ComputeConfig,
+    *,
+    num_actors: int = 1,
+) -> tuple[list[Shard], dict[int, dict]]:
+    """Scores every sample shard of one model on Ray actors, shard for shard."""
+    import ray
+
+    init_ray(compute)
+    shards = [
+        Shard(s.index, s.start, s.stop, f"{out_dir.rstrip('/')}/{shard_key(s.index)}") for s in sample_shards
+    ]
+    sample_url = {s.index: s.out_url for s in sample_shards}
+    actor_class = ray.remote(ScoringWorker).options(**actor_options(None, compute))
+    results = run_shards(
+        lambda: actor_class.remote(spec, prompts_url, num_cpus=compute.num_cpus_per_actor),
+        shards,
+        lambda actor, shard: actor.run.remote(shard, sample_url[shard.index]),
+        num_actors=num_actors,
+        desc=f"scoring with {spec.path}",
+    )
+    return shards, results

@@ -28,15 +28,8 @@ def greedy_answers(
     return [by_id.get(i, "") for i in ids]
 
 
-def evaluate_model(
-    model_path: str, prompts: list[str], skills: list[str], scorer: RewardScorer, *, max_new_tokens: int
-) -> dict[str, dict[str, float]]:
-    """Per-skill (and 'all') exact accuracy and mean reward of greedy answers.
-
-    Accuracy counts a reward of exactly 1.0 as correct (the toy verifier's exact match).
-    """
-    answers = greedy_answers(model_path, prompts, max_new_tokens=max_new_tokens)
-    rewards = scorer.score(prompts, answers)
+def summarize(rewards: list[float], skills: list[str]) -> dict[str, dict[str, float]]:
+    """Per-skill (and 'all') exact accuracy and mean reward; a reward of exactly 1.0 counts as correct."""
     groups: dict[str, list[float]] = defaultdict(list)
     for skill, reward in zip(skills, rewards, strict=True):
         groups[skill].append(reward)
@@ -48,3 +41,11 @@ def evaluate_model(
         }
         for skill, values in groups.items()
     }
+
+
+def evaluate_model(
+    model_path: str, prompts: list[str], skills: list[str], scorer: RewardScorer, *, max_new_tokens: int
+) -> tuple[dict[str, dict[str, float]], list[float]]:
+    """Greedy answers to held-out prompts scored by the reward: the per-skill summary and each reward."""
+    rewards = scorer.score(prompts, greedy_answers(model_path, prompts, max_new_tokens=max_new_tokens))
+    return summarize(rewards, skills), rewards

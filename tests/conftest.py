@@ -18,6 +18,9 @@ from wrpo_core.toy.tokenizer import build_char_tokenizer
 
 torch.set_num_threads(1)
 
+# The SeaweedFS S3 server fixtures (s3_server, s3_prefix) of the storage integration tests.
+pytest_plugins = ["s3server"]
+
 
 @pytest.fixture(scope="session")
 def toy_tokenizer() -> PreTrainedTokenizerFast:

@@ -1,12 +1,18 @@
-"""The whole pipeline on tiny untrained models, in seconds: every stage runs, a rerun resumes."""
+"""The whole pipeline on tiny untrained models, in seconds: every stage runs, a rerun resumes,
+a crashed stage is redone without reading its leftovers, and the same holds on a real S3 server."""
 
 import json
+import re
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
+from s3server import S3Server
 
 from wrpo_core import stages
 from wrpo_core.config import FusionConfig
-from wrpo_core.schemas import QUADRUPLES, read_parquet
+from wrpo_core.schemas import BEST_SOURCE, QUADRUPLES, SAMPLES
+from wrpo_core.storage import ManifestError, StorageError
 from wrpo_core.toy.skills import make_prompts
 
 
@@ -36,22 +42,52 @@ def fusion_config(tmp_path, tiny_model_dir):
     )
 
 
+def s3_config(cfg: FusionConfig, prefix: str, options: dict) -> FusionConfig:
+    return cfg.model_copy(
+        update={"storage": cfg.storage.model_copy(update={"url": prefix, "storage_options": options})}
+    )
+
+
+def assert_quadruples_once(layout: stages.RunLayout, summaries: dict) -> pa.Table:
+    """The final data: one quadruple per kept preference prompt, each exactly once."""
+    quadruples = layout.read_dataset(layout.quadruples, QUADRUPLES)
+    assert quadruples.num_rows == summaries["select-target"]["rows_out"] > 0
+    assert pc.count_distinct(quadruples["prompt_id"]).as_py() == quadruples.num_rows
+    return quadruples
+
+
 def test_pipeline_runs_every_stage_then_resumes(fusion_config, tmp_path, monkeypatch):
     summaries = stages.run_pipeline(fusion_config)
-    names = [
-        name
-        for name, _ in stages.pipeline_stages(
-            fusion_config, stages.RunLayout(str(tmp_path / "runs" / "smoke"))
-        )
-    ]
+    layout = stages.layout_for(fusion_config)
+    assert layout.root == str(tmp_path / "runs" / "smoke")
+    names = [name for name, _ in stages.pipeline_stages(fusion_config, layout)]
     assert list(summaries) == names
     assert summaries["ingest"]["prompts"] == 12
     assert summaries["split"] == {"sft": 4, "preference": 8}
     assert summaries["sample-src-a"]["samples"] == 48
-    layout = stages.RunLayout(str(tmp_path / "runs" / "smoke"))
-    quadruples = read_parquet(layout.quadruples, QUADRUPLES)
-    assert quadruples.num_rows == summaries["select-target"]["rows_out"] > 0
-    assert (tmp_path / "runs" / "smoke" / "models" / "wrpo" / "model.safetensors").exists()
+    assert_quadruples_once(layout, summaries)
+    run = tmp_path / "runs" / "smoke"
+    assert (run / "models" / "wrpo" / "model.safetensors").exists()
+    assert sorted(p.name for p in (run / "manifests").iterdir()) == sorted(f"{n}.json" for n in names)
+
+    # Each manifest lists exactly the files its stage wrote, with rows, schema and versions.
+    sample_manifest = layout.read_manifest("sample-src-a")
+    dataset = sample_manifest["datasets"]["samples/src-a"]
+    assert dataset["schema"] == "SAMPLES" and dataset["rows"] == 48
+    assert [f["key"] for f in dataset["files"]] == ["samples/src-a/part-00000.parquet"]
+    assert sample_manifest["inputs"].keys() == {"prompts/all"}
+    assert sample_manifest["config_hash"] == stages.config_hash(fusion_config)
+    assert sample_manifest["code_version"]["version"]
+    wrpo_files = {f["key"] for f in layout.read_manifest("wrpo")["models"]["models/wrpo"]["files"]}
+    assert {"models/wrpo/model.safetensors", "models/wrpo/README.md"} <= wrpo_files
+    assert not any("checkpoint-" in key for key in wrpo_files)
+
+    # Lineage: the fused model's card names sources, reward model, data counts, config and metrics.
+    card = (run / "models" / "wrpo" / "README.md").read_text()
+    for expected in ("src-a", "src-b", "toy-verifier", "| samples of src-a | 48 |",
+                     f"| quadruples (x, y_ws, y_wt, y_l) | {summaries['select-target']['rows_out']} |",
+                     "train_loss", "alpha_schedule: linear", "## Configuration"):  # fmt: skip
+        assert expected in card, expected
 
     # A rerun does no work: every stage is done.
     def fail(*args, **kwargs):
@@ -61,7 +97,121 @@ def test_pipeline_runs_every_stage_then_resumes(fusion_config, tmp_path, monkeyp
         monkeypatch.setattr(stages, stage, fail)
     assert stages.run_pipeline(fusion_config) == summaries
 
-    # A stage whose record is missing (the process died before writing it) runs again, alone.
-    layout.stage_record("wrpo").unlink()
+    # A stage whose manifest is missing (the process died before writing it) runs again, alone.
+    (run / "manifests" / "wrpo.json").unlink()
     monkeypatch.setattr(stages, "wrpo", lambda cfg, lay: {"rerun": True})
     assert stages.run_pipeline(fusion_config)["wrpo"] == {"rerun": True}
+
+
+def test_stage_killed_before_its_manifest_is_redone_and_its_leftovers_never_read(
+    fusion_config, tmp_path, monkeypatch
+):
+    layout = stages.layout_for(fusion_config)
+    real_commit = stages.RunLayout.commit
+
+    def die_before_manifest(self, stage, summary, **kwargs):
+        if stage == "select-source":
+            raise KeyboardInterrupt("killed between the data files and the manifest")
+        return real_commit(self, stage, summary, **kwargs)
+
+    monkeypatch.setattr(stages.RunLayout, "commit", die_before_manifest)
+    with pytest.raises(KeyboardInterrupt):
+        stages.run_pipeline(fusion_config)
+    monkeypatch.setattr(stages.RunLayout, "commit", real_commit)
+    folder = tmp_path / "runs" / "smoke" / "selection" / "best_source"
+    assert (folder / "part-00000.parquet").exists() and not layout.is_done("select-source")
+    # Nothing downstream can read the unfinished stage's data.
+    with pytest.raises(ManifestError, match="selection/best_source"):
+        layout.read_dataset(layout.best_source, BEST_SOURCE)
+
+    # Leftovers of the crashed attempt: a poisoned extra partition and a torn file.
+    poison = layout.read_dataset(layout.prompts, stages.PROMPTS).slice(0, 1)
+    poison_row = pa.table({"prompt_id": poison["prompt_id"], "prompt": poison["prompt"], "y_ws": ["POISON"],
+                           "y_ws_model": ["poison"], "y_ws_sample_index": pa.array([0], pa.int32()),
+                           "y_ws_score": [99.0]})  # fmt: skip
+    layout.storage.write_table("selection/best_source/part-00007.parquet", poison_row, BEST_SOURCE)
+    (folder / "part-00003.parquet").write_bytes(b"PAR1 torn")
+
+    ran = []
+    real_select = stages.select_source
+    monkeypatch.setattr(stages, "select_source", lambda cfg, lay: ran.append(1) or real_select(cfg, lay))
+    summaries = stages.run_pipeline(fusion_config)
+    assert ran == [1]  # the stage was redone ...
+    best = layout.read_dataset(layout.best_source, BEST_SOURCE)
+    assert "POISON" not in best["y_ws"].to_pylist() and best.num_rows == 12  # ... from its own files only
+    quadruples = assert_quadruples_once(layout, summaries)
+    assert "POISON" not in quadruples["y_ws"].to_pylist()
+    assert sorted(p.name for p in folder.iterdir()) == ["part-00000.parquet"]  # leftovers removed
+
+
+def test_run_name_cannot_leave_the_storage_root(fusion_config):
+    for bad in ("../elsewhere", "a/../../b", "/etc", "s3://other-bucket/x"):
+        with pytest.raises(StorageError, match="not allowed"):
+            stages.layout_for(fusion_config.model_copy(update={"run_name": bad}))
+
+
+@pytest.mark.integration
+def test_pipeline_end_to_end_on_s3(fusion_config, s3_server, s3_prefix, tmp_path, monkeypatch):
+    monkeypatch.setenv("WRPO_CACHE", str(tmp_path / "cache"))
+    cfg = s3_config(fusion_config, s3_prefix, s3_server.storage_options())
+    summaries = stages.run_pipeline(cfg)
+    layout = stages.layout_for(cfg)
+    assert layout.root == f"{s3_prefix}/smoke"
+    assert_quadruples_once(layout, summaries)
+    assert not (tmp_path / "runs").exists()  # nothing went to the local default
+    files = layout.storage.list_files("models/wrpo")
+    assert {"models/wrpo/model.safetensors", "models/wrpo/README.md"} <= set(files)
+    card = layout.storage.read_bytes("models/wrpo/README.md").decode()
+    manifests = "".join(layout.storage.read_bytes(k).decode() for k in layout.storage.list_files("manifests"))
+    for text in (card, manifests):
+        assert s3_server.secret_key not in text
+    assert "secret: '***'" in card and s3_server.endpoint in card
+
+    # Another machine (a fresh cache) resumes from storage alone, downloading Target-SFT only when needed.
+    other = stages.layout_for(cfg, cache_dir=tmp_path / "other-cache")
+    other.storage.delete([other.manifest_key("wrpo")])
+    resumed = stages.run_pipeline(cfg, layout=other)
+    assert [k for k in resumed if resumed[k] != summaries[k]] == ["wrpo"]
+    assert (tmp_path / "other-cache" / "models" / "target-sft" / "model.safetensors").exists()
+
+
+@pytest.mark.integration
+def test_s3_server_killed_during_a_stage_then_rerun_completes_with_every_row_once(
+    fusion_config, tmp_path, monkeypatch
+):
+    server = S3Server(tmp_path / "seaweedfs").start()
+    try:
+        monkeypatch.setenv("WRPO_CACHE", str(tmp_path / "cache"))
+        options = server.storage_options(max_attempts=1)  # no retries against the dead server: fail at once
+        cfg = s3_config(fusion_config, f"s3://{server.bucket}/crash", options)
+        layout = stages.layout_for(cfg, max_rows_per_file=8)  # 48 samples -> 6 partitions
+        written = []
+        real_write_table = type(layout.storage).write_table
+
+        def write_then_crash(storage, key, table, schema):
+            entry = real_write_table(storage, key, table, schema)
+            if key.startswith("samples/src-a/"):
+                written.append(key)
+                if len(written) == 2:
+                    server.kill()  # the S3 server dies in the middle of the stage's writes
+            return entry
+
+        monkeypatch.setattr(type(layout.storage), "write_table", write_then_crash)
+        with pytest.raises(StorageError) as error:
+            stages.run_pipeline(cfg, layout=layout)
+        message = str(error.value)
+        assert re.search(r"^cannot write s3://wrpo/crash/smoke/samples/src-a/part-0000\d\.parquet: ", message)
+        assert "cannot reach" in message and server.secret_key not in message
+
+        server.start()  # restart on the same data folder
+        assert layout.is_done("ingest") and not layout.is_done("sample-src-a")
+        summaries = stages.run_pipeline(cfg, layout=layout)
+        samples = layout.read_dataset(layout.samples("src-a"), SAMPLES)
+        keys = pc.binary_join_element_wise(
+            samples["prompt_id"], pc.cast(samples["sample_index"], pa.string()), "/"
+        )
+        assert samples.num_rows == 48 == pc.count_distinct(keys).as_py()
+        assert len(layout.storage.list_files("samples/src-a")) == 6
+        assert_quadruples_once(layout, summaries)
+    finally:
+        server.kill()  # a throwaway server: no need for a graceful stop

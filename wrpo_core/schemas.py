@@ -32,6 +32,9 @@
 
 Allowed values of a string column are stored in the field metadata key ``allowed_values``
 (comma separated) and enforced by :func:`conform`.
+
+A run stores each table as a folder of Parquet files (`part-NNNNN.parquet`) listed by its stage's
+manifest; docs/storage.md shows the layout and how to read it with pyarrow, datasets and pandas.
 """
 
 from __future__ import annotations
@@ -110,6 +113,23 @@ QUADRUPLES = pa.schema(
         pa.field("ref_logp_l", pa.float64()),
     ]
 )
+
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "PROMPTS": PROMPTS,
+    "SAMPLES": SAMPLES,
+    "SCORES": SCORES,
+    "BEST_SOURCE": BEST_SOURCE,
+    "QUADRUPLES": QUADRUPLES,
+}
+
+
+def schema_name(schema: pa.Schema) -> str:
+    """The name of one of the tables above ("custom" for any other schema), for manifests."""
+    for name, known in SCHEMAS.items():
+        if schema.equals(known):
+            return name
+    return "custom"
 
 
 def _allowed_values(field: pa.Field) -> set[str] | None:

@@ -1,9 +1,12 @@
-"""The fusion pipeline's stages as plain functions over a run folder, and a sequential runner.
+"""The fusion pipeline's stages as plain functions over a run's storage, and a sequential runner.
 
-Each stage reads its inputs from the run layout, writes its outputs there, and records a
-small JSON summary under `stages/<name>.json` LAST, so a stage counts as done only once all
-of its outputs are complete. `run_pipeline` skips stages that are done, so a rerun resumes
-at the first unfinished one. Orchestrators (the Prefect flow) call the same functions.
+Each stage reads its inputs through the run layout (only files that finished stages' manifests
+list), writes its outputs under deterministic keys, and `run_stage` writes its manifest
+`manifests/<name>.json` LAST, so a stage counts as done only once all of its outputs are complete.
+`run_pipeline` probes the storage first, then skips stages that are done and whose inputs have not
+changed, so a rerun resumes at the first unfinished one. Storage is a local folder or any fsspec
+URL (s3://...), see wrpo_core.storage; models train in a local folder and are uploaded after their
+stage, with a model card (README.md) recording their lineage. Orchestrators call the same functions.
 
     ingest -> split -> sample sources -> score -> select y_ws -> SFT -> sample Target-SFT
     -> score -> select y_wt / y_l -> (reference log-probs inside) WRPO -> done
@@ -14,81 +17,108 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+import yaml
 
 from wrpo_core.config import FusionConfig, ModelSpec, SFTJobConfig, WRPOConfig, WRPOJobConfig
 from wrpo_core.prompts import load_prompts, split_prompts
 from wrpo_core.rewards import load_scorer, score_samples
 from wrpo_core.sampling import HFSampler
-from wrpo_core.schemas import BEST_SOURCE, PROMPTS, QUADRUPLES, SAMPLES, SCORES, read_parquet, write_parquet
+from wrpo_core.schemas import BEST_SOURCE, PROMPTS, QUADRUPLES, SAMPLES, SCORES
 from wrpo_core.selection import select_best_source, select_target_pairs
-from wrpo_core.train.common import load_causal_lm, load_tokenizer
+from wrpo_core.storage import (
+    DEFAULT_ROWS_PER_FILE,
+    ManifestError,
+    RunLayout,
+    code_version,
+    digest,
+    redact_options,
+    safe_name,
+)
+from wrpo_core.train.common import METRICS_FILE, load_causal_lm, load_tokenizer
 from wrpo_core.train.sft import train_sft
 from wrpo_core.train.wrpo import train_wrpo
+
+__all__ = ["TARGET_SFT", "RunLayout", "layout_for", "run_pipeline", "run_stage"]
 
 logger = logging.getLogger(__name__)
 
 TARGET_SFT = "target-sft"
 
 
-@dataclass(frozen=True)
-class RunLayout:
-    """Where each artifact of a run lives under its root folder."""
+def layout_for(
+    cfg: FusionConfig,
+    root: str | None = None,
+    *,
+    cache_dir: str | Path | None = None,
+    max_rows_per_file: int = DEFAULT_ROWS_PER_FILE,
+) -> RunLayout:
+    """The run's layout: `root`, or `<storage.url>/<run_name>`, opened with the storage options."""
+    url = root or f"{cfg.storage.url.rstrip('/')}/{safe_name(cfg.run_name, 'run_name')}"
+    return RunLayout(
+        url, cfg.storage.storage_options, cache_dir=cache_dir, max_rows_per_file=max_rows_per_file
+    )
 
-    root: str
 
-    def path(self, *parts: str) -> str:
-        return str(Path(self.root, *parts))
+def config_hash(cfg: FusionConfig) -> str:
+    """Short hash of what a run's results depend on: the config without run name, storage, compute."""
+    return digest(cfg.model_dump(mode="json", exclude={"run_name", "storage", "compute"}))
 
-    @property
-    def prompts(self) -> str:
-        return self.path("prompts", "all.parquet")
 
-    def split(self, name: str) -> str:
-        return self.path("prompts", f"{name}.parquet")
-
-    def samples(self, model: str) -> str:
-        return self.path("samples", f"{model}.parquet")
-
-    def scores(self, model: str) -> str:
-        return self.path("scores", f"{model}.parquet")
-
-    @property
-    def best_source(self) -> str:
-        return self.path("selection", "best_source.parquet")
-
-    @property
-    def quadruples(self) -> str:
-        return self.path("selection", "quadruples.parquet")
-
-    def model(self, name: str) -> str:
-        return self.path("models", name)
-
-    def stage_record(self, stage: str) -> Path:
-        return Path(self.path("stages", f"{stage}.json"))
+def redacted_config(cfg: FusionConfig) -> dict[str, Any]:
+    """The config as a plain dict with every secret storage option replaced by '***'."""
+    data = cfg.model_dump(mode="json")
+    data["storage"]["storage_options"] = redact_options(data["storage"]["storage_options"])
+    return data
 
 
 def is_done(layout: RunLayout, stage: str) -> bool:
-    return layout.stage_record(stage).exists()
+    """Whether the stage's manifest exists (it is written last, so only for a complete stage)."""
+    return layout.is_done(stage)
 
 
-def mark_done(layout: RunLayout, stage: str, summary: dict) -> dict:
-    """Records the stage's summary; written last, so it exists only for a complete stage."""
-    record = layout.stage_record(stage)
-    record.parent.mkdir(parents=True, exist_ok=True)
-    tmp = record.with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary, indent=2, default=str))
-    tmp.replace(record)
-    return summary
+def mark_done(layout: RunLayout, stage: str, summary: dict, *, cfg: FusionConfig | None = None) -> dict:
+    """Writes the stage's manifest (what it wrote and read, and `summary`); returns the summary as stored."""
+    manifest = layout.commit(stage, summary, config_hash=config_hash(cfg) if cfg is not None else None)
+    return manifest["summary"]
 
 
 def load_summary(layout: RunLayout, stage: str) -> dict:
-    return json.loads(layout.stage_record(stage).read_text())
+    """The summary a completed stage recorded in its manifest."""
+    manifest = layout.read_manifest(stage)
+    if manifest is None:
+        raise ManifestError(f"stage {stage} of {layout.storage.display()} has not completed")
+    return manifest["summary"]
+
+
+def run_stage(
+    layout: RunLayout, name: str, run: Callable[[], dict], *, cfg: FusionConfig | None = None
+) -> dict:
+    """Runs one stage unless it is done with unchanged inputs; its manifest is written last.
+
+    A stage that ran before but whose inputs changed since (an upstream stage was redone with
+    other results) runs again. Returns the stage's summary.
+    """
+    manifest = layout.read_manifest(name)
+    if manifest is not None:
+        changed = layout.changed_inputs(manifest)
+        if not changed:
+            if cfg is not None and manifest.get("config_hash") not in (None, config_hash(cfg)):
+                logger.warning(
+                    "stage %s: done with another configuration (hash %s, now %s); remove %s to redo it",
+                    name, manifest.get("config_hash"), config_hash(cfg), layout.manifest_key(name),
+                )  # fmt: skip
+            logger.info("stage %s: done before, skipped", name)
+            return manifest["summary"]
+        logger.info("stage %s: inputs changed since it ran (%s); running it again", name, ", ".join(changed))
+    logger.info("stage %s: running", name)
+    layout.begin(name)
+    return mark_done(layout, name, run(), cfg=cfg)
 
 
 def _device(cfg: FusionConfig) -> str:
@@ -98,7 +128,7 @@ def _device(cfg: FusionConfig) -> str:
 
 
 def _prompt_text(layout: RunLayout) -> dict[str, str]:
-    table = read_parquet(layout.prompts, PROMPTS)
+    table = layout.read_dataset(layout.prompts, PROMPTS)
     return dict(zip(table["prompt_id"].to_pylist(), table["prompt"].to_pylist(), strict=True))
 
 
@@ -112,29 +142,38 @@ def ingest(cfg: FusionConfig, layout: RunLayout) -> dict:
     )
     if cfg.prompts.limit is not None:
         table = table.slice(0, cfg.prompts.limit)
-    write_parquet(table, layout.prompts, PROMPTS)
+    layout.write_dataset(layout.prompts, table, PROMPTS)
     return {"prompts": table.num_rows, "rows_read": report.rows_read, "duplicates": report.duplicates}
 
 
 def split(cfg: FusionConfig, layout: RunLayout) -> dict:
     """Splits prompts by seed: a fraction for SFT, the rest for preference optimization."""
-    sft, pref = split_prompts(
-        read_parquet(layout.prompts, PROMPTS), sft_fraction=cfg.split.sft_fraction, seed=cfg.split.seed
+    sft_prompts, pref = split_prompts(
+        layout.read_dataset(layout.prompts, PROMPTS), sft_fraction=cfg.split.sft_fraction, seed=cfg.split.seed
     )
-    write_parquet(sft, layout.split("sft"), PROMPTS)
-    write_parquet(pref, layout.split("preference"), PROMPTS)
-    return {"sft": sft.num_rows, "preference": pref.num_rows}
+    layout.write_dataset(layout.split("sft"), sft_prompts, PROMPTS)
+    layout.write_dataset(layout.split("preference"), pref, PROMPTS)
+    return {"sft": sft_prompts.num_rows, "preference": pref.num_rows}
 
 
 def sample(
-    spec: ModelSpec, prompts_url: str, out_url: str, *, device: str = "cpu", batch_size: int = 32
+    spec: ModelSpec,
+    layout: RunLayout,
+    prompts_key: str,
+    out_key: str | None = None,
+    *,
+    device: str = "cpu",
+    batch_size: int = 32,
 ) -> dict:
-    """Samples `spec.sampling.n` responses per prompt from one model (HF backend) into SAMPLES."""
+    """Samples `spec.sampling.n` responses per prompt from one model (HF backend) into SAMPLES.
+
+    Reads the prompts dataset `prompts_key`; writes `out_key` (default `samples/<spec.name>`).
+    """
     if spec.backend != "hf":
         raise NotImplementedError(
             f"model {spec.name}: backend {spec.backend!r} is not available in this stage yet"
         )
-    prompts = read_parquet(prompts_url, PROMPTS)
+    prompts = layout.read_dataset(prompts_key, PROMPTS)
     tokenizer = load_tokenizer(spec.path, trust_remote_code=spec.trust_remote_code)
     model = (
         load_causal_lm(spec.path, trust_remote_code=spec.trust_remote_code, dtype=spec.dtype)
@@ -143,7 +182,7 @@ def sample(
     )
     sampler = HFSampler(model, tokenizer, spec.name, spec.sampling, batch_size=batch_size)
     table, report = sampler.sample(prompts["prompt_id"].to_pylist(), prompts["prompt"].to_pylist())
-    write_parquet(table, out_url, SAMPLES)
+    layout.write_dataset(out_key or layout.samples(spec.name), table, SAMPLES)
     return {
         "model": spec.name,
         "samples": report.samples,
@@ -157,59 +196,156 @@ def sample(
 
 def score(cfg: FusionConfig, layout: RunLayout, model: str) -> dict:
     """Scores one model's samples with the reward model into SCORES."""
-    samples = read_parquet(layout.samples(model), SAMPLES)
+    samples = layout.read_dataset(layout.samples(model), SAMPLES)
     scores = score_samples(samples, _prompt_text(layout), load_scorer(cfg.reward_model))
-    write_parquet(scores, layout.scores(model), SCORES)
+    layout.write_dataset(layout.scores(model), scores, SCORES)
     return {"model": model, "scored": scores.num_rows, "mean_reward": pc.mean(scores["score"]).as_py()}
 
 
-def _concat(urls: list[str], schema: pa.Schema) -> pa.Table:
-    return pa.concat_tables([read_parquet(url, schema) for url in urls])
+def _concat(layout: RunLayout, keys: list[str], schema: pa.Schema) -> pa.Table:
+    return pa.concat_tables([layout.read_dataset(key, schema) for key in keys])
 
 
 def select_source(cfg: FusionConfig, layout: RunLayout) -> dict:
     """Picks y_ws (best source response over all sources) for every prompt."""
     names = [s.name for s in cfg.sources]
-    samples = _concat([layout.samples(n) for n in names], SAMPLES)
-    scores = _concat([layout.scores(n) for n in names], SCORES)
-    best, report = select_best_source(samples, scores, read_parquet(layout.prompts, PROMPTS))
-    write_parquet(best, layout.best_source, BEST_SOURCE)
+    samples = _concat(layout, [layout.samples(n) for n in names], SAMPLES)
+    scores = _concat(layout, [layout.scores(n) for n in names], SCORES)
+    best, report = select_best_source(samples, scores, layout.read_dataset(layout.prompts, PROMPTS))
+    layout.write_dataset(layout.best_source, best, BEST_SOURCE)
     return report.as_dict()
 
 
-def _rows_of(table: pa.Table, prompts_url: str) -> pa.Table:
-    ids = read_parquet(prompts_url, PROMPTS)["prompt_id"]
+def _rows_of(layout: RunLayout, table: pa.Table, split_name: str) -> pa.Table:
+    ids = layout.read_dataset(layout.split(split_name), PROMPTS)["prompt_id"]
     return table.filter(pc.is_in(table["prompt_id"], value_set=ids))
 
 
-def sft(cfg: FusionConfig, layout: RunLayout) -> dict:
-    """Target-SFT on (x, y_ws) of the SFT prompts."""
-    data = layout.path("selection", "sft_pairs.parquet")
-    write_parquet(
-        _rows_of(read_parquet(layout.best_source, BEST_SOURCE), layout.split("sft")), data, BEST_SOURCE
+def _final_metrics(folder: Path, metrics: dict) -> dict[str, Any]:
+    """The train metrics plus the last logged value of every metric in the job's metrics.jsonl."""
+    logged: dict[str, Any] = {}
+    path = folder / METRICS_FILE
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                logged.update(json.loads(line))
+    logged.pop("time", None)  # when the line was logged, not a metric
+    return {**logged, **metrics}
+
+
+def _dataset_rows(layout: RunLayout, key: str) -> int | None:
+    try:
+        return layout.entry(key)[1]["rows"]
+    except ManifestError:
+        return None
+
+
+def model_card(
+    cfg: FusionConfig, layout: RunLayout, name: str, metrics: dict[str, Any], *, training: dict[str, Any]
+) -> str:
+    """The lineage card (README.md) of a model a run trained: sources, reward model, data, config, metrics.
+
+    Secrets never appear: storage options are redacted, then the whole text is.
+    """
+    titles = {TARGET_SFT: "Target-SFT", "wrpo": "Target-SFT-WRPO"}
+    version = code_version()
+    git = (
+        f", git {version['git_sha'][:12]}{' (modified)' if version['git_dirty'] else ''}"
+        if version["git_sha"]
+        else ""
     )
+    models = [("source", s) for s in cfg.sources] + [("target", cfg.target)]
+    data = [("prompts", layout.prompts), ("prompts for SFT", layout.split("sft")),
+            ("prompts for preference optimization", layout.split("preference"))]  # fmt: skip
+    data += [(f"samples of {s.name}", layout.samples(s.name)) for s in cfg.sources]
+    data += [(f"scores of {s.name}", layout.scores(s.name)) for s in cfg.sources]
+    data += [("y_ws selections", layout.best_source), ("SFT pairs (x, y_ws)", layout.sft_pairs),
+             (f"samples of {TARGET_SFT}", layout.samples(TARGET_SFT)), ("quadruples (x, y_ws, y_wt, y_l)", layout.quadruples)]  # fmt: skip
+    config = redacted_config(cfg)
+    config.update(training)
+    lines = [
+        "---",
+        "library_name: transformers",
+        f"base_model: {cfg.target.path}",
+        "tags: [wrpo, implicit-model-fusion]",
+        "---",
+        "",
+        f"# {titles.get(name, name)} of run `{cfg.run_name}`",
+        "",
+        f"Trained by wrpo-fusion {version['version']}{git}: implicit model fusion with WRPO "
+        "(Weighted-Reward Preference Optimization, arXiv 2412.03187).",
+        f"Run folder: `{layout.storage.display()}`. Config hash: `{config_hash(cfg)}`.",
+        "",
+        "## Models",
+        "",
+        "| role | name | path | revision |",
+        "|---|---|---|---|",
+        *[f"| {role} | {m.name} | `{m.path}` | {m.revision or '-'} |" for role, m in models],
+        f"| reward model | {cfg.reward_model.kind} | `{cfg.reward_model.path}` | - |",
+        "",
+        "## Data",
+        "",
+        "| dataset | rows |",
+        "|---|---|",
+        *[f"| {label} | {rows} |" for label, key in data if (rows := _dataset_rows(layout, key)) is not None],
+        "",
+        "## Training metrics",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *[
+            f"| {key} | {value:.6g} |" if isinstance(value, float) else f"| {key} | {value} |"
+            for key, value in sorted(metrics.items())
+        ],
+        "",
+        "## Configuration",
+        "",
+        "```yaml",
+        yaml.safe_dump(config, sort_keys=False).rstrip(),
+        "```",
+        "",
+    ]
+    return layout.storage.redact("\n".join(lines))
+
+
+def _finish_model(
+    cfg: FusionConfig, layout: RunLayout, name: str, metrics: dict, training: dict[str, Any]
+) -> dict:
+    """Writes the model's card, records (and, for remote storage, uploads) its folder; the summary."""
+    folder = layout.model_dir(name)
+    card = model_card(cfg, layout, name, _final_metrics(folder, metrics), training=training)
+    (folder / "README.md").write_text(card, encoding="utf-8")
+    layout.save_model(name)
+    return {"model": layout.storage.display(layout.model_key(name)), **metrics}
+
+
+def sft(cfg: FusionConfig, layout: RunLayout) -> dict:
+    """Target-SFT on (x, y_ws) of the SFT prompts; the model goes to `models/target-sft`."""
+    pairs = _rows_of(layout, layout.read_dataset(layout.best_source, BEST_SOURCE), "sft")
+    layout.write_dataset(layout.sft_pairs, pairs, BEST_SOURCE)
     job = SFTJobConfig(
-        model=cfg.target.path, data=data, output_dir=layout.model(TARGET_SFT),
-        trust_remote_code=cfg.target.trust_remote_code, training=cfg.sft,
+        model=cfg.target.path, data=layout.local_table_file(layout.sft_pairs, BEST_SOURCE),
+        output_dir=str(layout.model_dir(TARGET_SFT)), trust_remote_code=cfg.target.trust_remote_code,
+        training=cfg.sft,
     )  # fmt: skip
     metrics = train_sft(job)
-    return {"model": job.output_dir, **metrics}
+    return _finish_model(cfg, layout, TARGET_SFT, metrics, {"sft": job.training.model_dump(mode="json")})
 
 
 def target_sft_spec(cfg: FusionConfig, layout: RunLayout) -> ModelSpec:
-    """Target-SFT as a model to sample from, with the target's sampling settings."""
+    """Target-SFT as a model to sample from (a local folder), with the target's sampling settings."""
     return cfg.target.model_copy(update={"path": layout.model(TARGET_SFT), "name": TARGET_SFT})
 
 
 def select_target(cfg: FusionConfig, layout: RunLayout) -> dict:
     """Picks y_wt / y_l from Target-SFT's samples of the preference prompts into QUADRUPLES."""
-    best = _rows_of(read_parquet(layout.best_source, BEST_SOURCE), layout.split("preference"))
+    best = _rows_of(layout, layout.read_dataset(layout.best_source, BEST_SOURCE), "preference")
     quadruples, report = select_target_pairs(
         best,
-        read_parquet(layout.samples(TARGET_SFT), SAMPLES),
-        read_parquet(layout.scores(TARGET_SFT), SCORES),
+        layout.read_dataset(layout.samples(TARGET_SFT), SAMPLES),
+        layout.read_dataset(layout.scores(TARGET_SFT), SCORES),
     )
-    write_parquet(quadruples, layout.quadruples, QUADRUPLES)
+    layout.write_dataset(layout.quadruples, quadruples, QUADRUPLES)
     return report.as_dict()
 
 
@@ -224,14 +360,16 @@ def wrpo(
     """WRPO training from Target-SFT (reference log-probs computed once, inside the job).
 
     `data` defaults to the run's quadruples; pass quadruples that already carry reference
-    log-probs (e.g. another job's stored file) to skip the reference pass.
+    log-probs (e.g. another job's stored file) to skip the reference pass. The model goes to
+    `models/<name>` with its lineage card.
     """
     job = WRPOJobConfig(
-        model=layout.model(TARGET_SFT), data=data or layout.quadruples, output_dir=layout.model(name),
-        trust_remote_code=cfg.target.trust_remote_code, training=training or cfg.wrpo,
+        model=layout.model(TARGET_SFT), data=data or layout.local_table_file(layout.quadruples, QUADRUPLES),
+        output_dir=str(layout.model_dir(name)), trust_remote_code=cfg.target.trust_remote_code,
+        training=training or cfg.wrpo,
     )  # fmt: skip
     metrics = train_wrpo(job)
-    return {"model": job.output_dir, **metrics}
+    return _finish_model(cfg, layout, name, metrics, {"wrpo": job.training.model_dump(mode="json")})
 
 
 # --- runner --------------------------------------------------------------------------------------
@@ -246,19 +384,15 @@ def pipeline_stages(cfg: FusionConfig, layout: RunLayout) -> list[tuple[str, Cal
     ]
     for spec in cfg.sources:
         stages.append(
-            (
-                f"sample-{spec.name}",
-                lambda s=spec: sample(s, layout.prompts, layout.samples(s.name), device=device),
-            )
+            (f"sample-{spec.name}", lambda s=spec: sample(s, layout, layout.prompts, device=device))
         )
         stages.append((f"score-{spec.name}", lambda s=spec: score(cfg, layout, s.name)))
-    target_sft = target_sft_spec(cfg, layout)
     stages += [
         ("select-source", lambda: select_source(cfg, layout)),
         ("sft", lambda: sft(cfg, layout)),
         (
             f"sample-{TARGET_SFT}",
-            lambda: sample(target_sft, layout.split("preference"), layout.samples(TARGET_SFT), device=device),
+            lambda: sample(target_sft_spec(cfg, layout), layout, layout.split("preference"), device=device),
         ),
         (f"score-{TARGET_SFT}", lambda: score(cfg, layout, TARGET_SFT)),
         ("select-target", lambda: select_target(cfg, layout)),
@@ -267,15 +401,14 @@ def pipeline_stages(cfg: FusionConfig, layout: RunLayout) -> list[tuple[str, Cal
     return stages
 
 
-def run_pipeline(cfg: FusionConfig, root: str | None = None) -> dict[str, dict]:
-    """Runs every unfinished stage in order; returns each stage's summary."""
-    layout = RunLayout(root or str(Path(cfg.storage.url, cfg.run_name)))
-    summaries = {}
-    for name, run in pipeline_stages(cfg, layout):
-        if is_done(layout, name):
-            logger.info("stage %s: done before, skipped", name)
-            summaries[name] = load_summary(layout, name)
-            continue
-        logger.info("stage %s: running", name)
-        summaries[name] = mark_done(layout, name, run())
-    return summaries
+def run_pipeline(
+    cfg: FusionConfig, root: str | None = None, *, layout: RunLayout | None = None
+) -> dict[str, dict]:
+    """Probes the storage, then runs every unfinished stage in order; returns each stage's summary.
+
+    The run lives at `root` (a local path or URL) or `<storage.url>/<run_name>`; pass `layout`
+    instead to choose the cache folder or file sizes.
+    """
+    layout = layout or layout_for(cfg, root)
+    layout.storage.check()
+    return {name: run_stage(layout, name, run, cfg=cfg) for name, run in pipeline_stages(cfg, layout)}

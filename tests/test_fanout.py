@@ -14,7 +14,8 @@ import pytest
 from wrpo_core.config import ComputeConfig, ModelSpec
 from wrpo_core.fanout import SamplingWorker, plan_shards, read_shards, run_shards, sample_model
 from wrpo_core.prompts import prompt_id_of
-from wrpo_core.schemas import PROMPTS, SAMPLES, write_parquet
+from wrpo_core.schemas import SAMPLES
+from wrpo_core.storage import Storage
 
 pytestmark = pytest.mark.integration
 ray = pytest.importorskip("ray")
@@ -30,12 +31,9 @@ def local_ray():
     ray.shutdown()
 
 
-def write_prompts(path: Path, n: int) -> str:
+def prompts_table(n: int) -> pa.Table:
     texts = [f"reverse: word{i}" for i in range(n)]
-    write_parquet(
-        pa.table({"prompt_id": [prompt_id_of(t) for t in texts], "prompt": texts}), str(path), PROMPTS
-    )
-    return str(path)
+    return pa.table({"prompt_id": [prompt_id_of(t) for t in texts], "prompt": texts})
 
 
 def spec(model_dir: str) -> ModelSpec:
@@ -54,15 +52,23 @@ def keys(table: pa.Table) -> list[tuple]:
 
 
 def test_every_row_once_and_rerun_skips(local_ray, tmp_path, tiny_model_dir):
-    prompts = write_prompts(tmp_path / "prompts.parquet", 10)
-    out = str(tmp_path / "samples")
+    storage = (str(tmp_path), {})
     shards, results = sample_model(
-        spec(tiny_model_dir), prompts, out, ComputeConfig(), shard_size=3, num_actors=2
+        spec(tiny_model_dir),
+        prompts_table(10),
+        storage,
+        "samples/tiny",
+        ComputeConfig(),
+        shard_size=3,
+        num_actors=2,
     )
-    assert [s.index for s in shards] == [0, 1, 2, 3] and sorted(results) == [0, 1, 2, 3]
-    table = read_shards(out, shards, SAMPLES)
+    assert [s.out_key for s in shards] == [f"samples/tiny/part-0000{i}.parquet" for i in range(4)]
+    assert sorted(results) == [0, 1, 2, 3]
+    table = read_shards(Storage.open(str(tmp_path)), shards, SAMPLES)
     assert len(keys(table)) == 20 == len(set(keys(table)))
-    again_shards, again = sample_model(spec(tiny_model_dir), prompts, out, ComputeConfig(), shard_size=3)
+    again_shards, again = sample_model(
+        spec(tiny_model_dir), prompts_table(10), storage, "samples/tiny", ComputeConfig(), shard_size=3
+    )
     assert again == {} and again_shards == shards
 
 
@@ -70,7 +76,7 @@ class DiesOnce(SamplingWorker):
     """Dies (the whole actor process) the first time it meets shard 1."""
 
     def run(self, shard):
-        marker = Path(shard.out_url).parent / "died-once"
+        marker = Path(self.storage.root) / "died-once"
         if shard.index == 1 and not marker.exists():
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.write_text("x")
@@ -79,32 +85,34 @@ class DiesOnce(SamplingWorker):
 
 
 def test_dead_actor_shard_is_retried(local_ray, tmp_path, tiny_model_dir):
-    prompts = write_prompts(tmp_path / "prompts.parquet", 6)
-    out = str(tmp_path / "samples")
-    shards = plan_shards(6, 2, out)
+    storage = Storage.open(str(tmp_path))
+    shards = plan_shards(6, 2, "samples/tiny")
     actor = ray.remote(DiesOnce).options(num_cpus=1, max_restarts=0)
     results = run_shards(
-        lambda: actor.remote(spec(tiny_model_dir), prompts, device="cpu"),
-        shards, lambda a, s: a.run.remote(s), num_actors=2,
+        lambda: actor.remote(spec(tiny_model_dir), prompts_table(6), (str(tmp_path), {}), device="cpu"),
+        storage, shards, lambda a, s: a.run.remote(s), num_actors=2,
     )  # fmt: skip
-    assert (Path(out) / "died-once").exists()
+    assert (tmp_path / "died-once").exists()
     assert sorted(results) == [0, 1, 2]
-    assert len(set(keys(read_shards(out, shards, SAMPLES)))) == 12
+    assert len(set(keys(read_shards(storage, shards, SAMPLES)))) == 12
 
 
 def test_killed_run_resumes_with_every_row_once(tmp_path, tiny_model_dir):
-    prompts = write_prompts(tmp_path / "prompts.parquet", 80)
-    out = tmp_path / "samples"
+    out = tmp_path / "samples" / "tiny"
     script = tmp_path / "run.py"
     script.write_text(
         textwrap.dedent(f"""
         import os, time, ray
+        import pyarrow as pa
         os.environ["RAY_AUTH_MODE"] = "disabled"
         from wrpo_core.config import ComputeConfig, ModelSpec
         from wrpo_core.fanout import sample_model
+        from wrpo_core.prompts import prompt_id_of
+        texts = [f"reverse: word{{i}}" for i in range(80)]
+        prompts = pa.table({{"prompt_id": [prompt_id_of(t) for t in texts], "prompt": texts}})
         ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
         spec = ModelSpec(path={tiny_model_dir!r}, name="tiny", sampling={{"n": 2, "max_new_tokens": 24}})
-        sample_model(spec, {prompts!r}, {str(out)!r}, ComputeConfig(), shard_size=2, num_actors=1)
+        sample_model(spec, prompts, ({str(tmp_path)!r}, {{}}), "samples/tiny", ComputeConfig(), shard_size=2, num_actors=1)
     """)
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -119,7 +127,7 @@ def test_killed_run_resumes_with_every_row_once(tmp_path, tiny_model_dir):
     assert 2 <= written < 40, "the run should have been killed part-way"
     subprocess.run([sys.executable, str(script)], env=env, check=True, timeout=300,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    shards = plan_shards(80, 2, str(out))
-    table = read_shards(str(out), shards, SAMPLES)
+    shards = plan_shards(80, 2, "samples/tiny")
+    table = read_shards(Storage.open(str(tmp_path)), shards, SAMPLES)
     assert len(keys(table)) == 160 == len(set(keys(table)))
     assert not list(out.glob(".*tmp*")), "no temporary files are left behind"

@@ -1,9 +1,10 @@
 """Fan-out of sampling and scoring over Ray actors, in deterministic, resumable shards.
 
 One actor per model replica holds its model for its whole life (a GPU per tensor-parallel
-rank; a placement group when more than one). Work units are (model, prompt shard); an actor
-reads its prompts from storage and writes its Parquet shard straight to storage, so large
-data never passes through the driver. Shard keys are deterministic (`part-00003.parquet`), a
+rank; a placement group when more than one). Work units are (model, prompt shard). The
+prompts go to the actors once through Ray's object store; each actor writes its Parquet
+shard (samples or scores, the large data) straight to storage, so it never passes through
+the driver. Shard keys are deterministic (`part-00003.parquet`), a
 rerun skips shards already written (writes are atomic), and a shard whose actor dies is
 retried, a bounded number of times, on a fresh actor. The same code runs on a local Ray (this
 machine's CPUs) and on an existing cluster (`address`).
@@ -18,47 +19,42 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import pyarrow as pa
 
 from wrpo_core.config import ComputeConfig, ModelSpec, RewardModelSpec
-from wrpo_core.schemas import PROMPTS, SAMPLES, SCORES, read_parquet, write_parquet
+from wrpo_core.schemas import SAMPLES, SCORES
+from wrpo_core.storage import Storage
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Shard:
-    """One work unit: rows [start, stop) of a prompts (or samples) file, written to `out_url`."""
+    """One work unit: rows [start, stop) of the prompts, written to storage key `out_key`."""
 
     index: int
     start: int
     stop: int
-    out_url: str
+    out_key: str
 
 
 def shard_key(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
-def plan_shards(num_rows: int, shard_size: int, out_dir: str) -> list[Shard]:
-    """Deterministic shards of `shard_size` rows over a file of `num_rows` rows."""
+def plan_shards(num_rows: int, shard_size: int, out_prefix: str) -> list[Shard]:
+    """Deterministic shards of `shard_size` rows over `num_rows` prompts, keyed under `out_prefix`."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     return [
-        Shard(i, start, min(start + shard_size, num_rows), f"{out_dir.rstrip('/')}/{shard_key(i)}")
+        Shard(i, start, min(start + shard_size, num_rows), f"{out_prefix.rstrip('/')}/{shard_key(i)}")
         for i, start in enumerate(range(0, num_rows, shard_size))
     ]
 
 
-def shard_exists(url: str) -> bool:
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs.exists(path)
-
-
-def read_shards(out_dir: str, shards: list[Shard], schema: pa.Schema) -> pa.Table:
+def read_shards(storage: Storage, shards: list[Shard], schema: pa.Schema) -> pa.Table:
     """All shards of a finished fan-out, in shard order."""
-    return pa.concat_tables([read_parquet(s.out_url, schema) for s in shards])
+    return pa.concat_tables([storage.read_table(s.out_key, schema) for s in shards])
 
 
 # --- workers (plain classes; Ray wraps them as actors) ------------------------------------------
@@ -74,11 +70,19 @@ class SamplingWorker:
     """Holds one model (HF or vLLM) and samples prompt shards into SAMPLES shard files."""
 
     def __init__(
-        self, spec: ModelSpec, prompts_url: str, *, device: str, num_cpus: float = 1.0, batch_size: int = 32
+        self,
+        spec: ModelSpec,
+        prompts: pa.Table,
+        storage: tuple[str, dict[str, Any]],
+        *,
+        device: str,
+        num_cpus: float = 1.0,
+        batch_size: int = 32,
     ):
         _torch_threads(num_cpus)
         self.spec = spec
-        self.prompts = read_parquet(prompts_url, PROMPTS)
+        self.prompts = prompts
+        self.storage = Storage.open(*storage)
         from wrpo_core.train.common import load_tokenizer
 
         tokenizer = load_tokenizer(spec.path, trust_remote_code=spec.trust_remote_code)
@@ -97,7 +101,7 @@ class SamplingWorker:
     def run(self, shard: Shard) -> dict[str, Any]:
         rows = self.prompts.slice(shard.start, shard.stop - shard.start)
         table, report = self.sampler.sample(rows["prompt_id"].to_pylist(), rows["prompt"].to_pylist())
-        write_parquet(table, shard.out_url, SAMPLES)
+        self.storage.write_table(shard.out_key, table, SAMPLES)
         return {"shard": shard.index, "samples": report.samples, "completion_tokens": report.completion_tokens,
                 "seconds": report.seconds, "prompts_truncated": report.prompts_truncated,
                 "prompts_skipped_empty": report.prompts_skipped_empty}  # fmt: skip
@@ -106,22 +110,29 @@ class SamplingWorker:
 class ScoringWorker:
     """Holds one reward model and scores sample shards into SCORES shard files."""
 
-    def __init__(self, spec: RewardModelSpec, prompts_url: str, *, num_cpus: float = 1.0):
+    def __init__(
+        self,
+        spec: RewardModelSpec,
+        prompts: pa.Table,
+        storage: tuple[str, dict[str, Any]],
+        *,
+        num_cpus: float = 1.0,
+    ):
         _torch_threads(num_cpus)
         from wrpo_core.rewards import load_scorer
 
-        prompts = read_parquet(prompts_url, PROMPTS)
+        self.storage = Storage.open(*storage)
         self.prompt_by_id = dict(
             zip(prompts["prompt_id"].to_pylist(), prompts["prompt"].to_pylist(), strict=True)
         )
         self.scorer = load_scorer(spec, progress=False)
 
-    def run(self, shard: Shard, samples_url: str) -> dict[str, Any]:
+    def run(self, shard: Shard, samples_key: str) -> dict[str, Any]:
         from wrpo_core.rewards import score_samples
 
-        samples = read_parquet(samples_url, SAMPLES)
+        samples = self.storage.read_table(samples_key, SAMPLES)
         scores = score_samples(samples, self.prompt_by_id, self.scorer)
-        write_parquet(scores, shard.out_url, SCORES)
+        self.storage.write_table(shard.out_key, scores, SCORES)
         return {
             "shard": shard.index,
             "scored": scores.num_rows,
@@ -162,6 +173,7 @@ def actor_options(spec: ModelSpec | None, compute: ComputeConfig) -> dict[str, A
 
 def run_shards(
     make_actor: Callable[[], Any],
+    storage: Storage,
     shards: list[Shard],
     call: Callable[[Any, Shard], Any],
     *,
@@ -180,7 +192,7 @@ def run_shards(
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
     from tqdm.auto import tqdm
 
-    pending = [s for s in shards if not shard_exists(s.out_url)]
+    pending = [s for s in shards if not storage.exists(s.out_key)]
     skipped = len(shards) - len(pending)
     if skipped:
         logger.info("%s: %d of %d shards already written, skipped", desc, skipped, len(shards))
@@ -216,7 +228,9 @@ def run_shards(
             continue
         except Exception as error:
             bar.close()
-            raise RuntimeError(f"{desc}: shard {shard.index} ({shard.out_url}) failed: {error}") from error
+            raise RuntimeError(
+                f"{desc}: shard {shard.index} ({storage.display(shard.out_key)}) failed: {error}"
+            ) from error
         results[shard.index] = result
         if on_done is not None:
             on_done(shard, result)
@@ -229,8 +243,9 @@ def run_shards(
 
 def sample_model(
     spec: ModelSpec,
-    prompts_url: str,
-    out_dir: str,
+    prompts: pa.Table,
+    storage: tuple[str, dict[str, Any]],
+    out_prefix: str,
     compute: ComputeConfig,
     *,
     shard_size: int = 256,
@@ -238,28 +253,33 @@ def sample_model(
     device: str = "cpu",
     batch_size: int = 32,
 ) -> tuple[list[Shard], dict[int, dict]]:
-    """Samples every prompt shard of one model on Ray actors; returns the shards and per-shard results."""
+    """Samples every prompt shard of one model on Ray actors into `out_prefix/part-NNNNN.parquet`.
+
+    `storage` is (root URL, storage options) as given in the config: each actor opens it itself,
+    resolving credentials from its own environment when the options hold none.
+    """
     import ray
 
     init_ray(compute)
-    num_rows = read_parquet(prompts_url, PROMPTS).num_rows
-    shards = plan_shards(num_rows, shard_size, out_dir)
+    shards = plan_shards(prompts.num_rows, shard_size, out_prefix)
+    prompts_ref = ray.put(prompts)
     actor_class = ray.remote(SamplingWorker).options(**actor_options(spec, compute))
 
     def make_actor():
-        return actor_class.remote(spec, prompts_url, device=device, num_cpus=compute.num_cpus_per_actor,
+        return actor_class.remote(spec, prompts_ref, storage, device=device, num_cpus=compute.num_cpus_per_actor,
                                   batch_size=batch_size)  # fmt: skip
 
-    results = run_shards(make_actor, shards, lambda actor, shard: actor.run.remote(shard),
+    results = run_shards(make_actor, Storage.open(*storage), shards, lambda actor, shard: actor.run.remote(shard),
                          num_actors=num_actors, desc=f"sampling {spec.name}")  # fmt: skip
     return shards, results
 
 
 def score_model(
     spec: RewardModelSpec,
-    prompts_url: str,
+    prompts: pa.Table,
+    storage: tuple[str, dict[str, Any]],
     sample_shards: list[Shard],
-    out_dir: str,
+    out_prefix: str,
     compute: ComputeConfig,
     *,
     num_actors: int = 1,
@@ -269,14 +289,17 @@ def score_model(
 
     init_ray(compute)
     shards = [
-        Shard(s.index, s.start, s.stop, f"{out_dir.rstrip('/')}/{shard_key(s.index)}") for s in sample_shards
+        Shard(s.index, s.start, s.stop, f"{out_prefix.rstrip('/')}/{shard_key(s.index)}")
+        for s in sample_shards
     ]
-    sample_url = {s.index: s.out_url for s in sample_shards}
+    samples_key = {s.index: s.out_key for s in sample_shards}
+    prompts_ref = ray.put(prompts)
     actor_class = ray.remote(ScoringWorker).options(**actor_options(None, compute))
     results = run_shards(
-        lambda: actor_class.remote(spec, prompts_url, num_cpus=compute.num_cpus_per_actor),
+        lambda: actor_class.remote(spec, prompts_ref, storage, num_cpus=compute.num_cpus_per_actor),
+        Storage.open(*storage),
         shards,
-        lambda actor, shard: actor.run.remote(shard, sample_url[shard.index]),
+        lambda actor, shard: actor.run.remote(shard, samples_key[shard.index]),
         num_actors=num_actors,
         desc=f"scoring with {spec.path}",
     )

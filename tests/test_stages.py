@@ -215,3 +215,32 @@ def test_s3_server_killed_during_a_stage_then_rerun_completes_with_every_row_onc
         assert_quadruples_once(layout, summaries)
     finally:
         server.kill()  # a throwaway server: no need for a graceful stop
+
+
+@pytest.mark.integration
+def test_pipeline_fanned_out_on_ray_matches_inline_and_adds_one_source_incrementally(fusion_config, tmp_path):
+    """The same run on Ray actors (shards) gives the same samples as inline; a new source samples alone."""
+    ray = pytest.importorskip("ray")
+    inline = stages.run_pipeline(fusion_config.model_copy(update={"run_name": "inline"}))
+    compute = fusion_config.compute.model_copy(update={"executor": "ray", "shard_size": 5, "num_actors": 2})
+    on_ray_cfg = fusion_config.model_copy(update={"run_name": "ray", "compute": compute})
+    try:
+        on_ray = stages.run_pipeline(on_ray_cfg)
+        layout = stages.layout_for(on_ray_cfg)
+        inline_layout = stages.layout_for(fusion_config.model_copy(update={"run_name": "inline"}))
+        assert on_ray["sample-src-a"]["shards"] == 3  # 12 prompts in shards of 5
+        for model in ("src-a", "src-b"):
+            a = inline_layout.read_dataset(inline_layout.samples(model), SAMPLES).sort_by("seed")
+            b = layout.read_dataset(layout.samples(model), SAMPLES).sort_by("seed")
+            assert (
+                a["text"].to_pylist() == b["text"].to_pylist()
+            )  # per-sample seeds: batching does not matter
+        assert on_ray["select-target"]["rows_out"] == inline["select-target"]["rows_out"]
+
+        # Register a third source: only it is sampled and scored; stored samples are reused.
+        sources = [*on_ray_cfg.sources, on_ray_cfg.sources[0].model_copy(update={"name": "src-c"})]
+        again = stages.run_pipeline(on_ray_cfg.model_copy(update={"sources": sources}))
+        assert again["sample-src-c"]["shards_run_now"] == 3
+        assert again["sample-src-a"] == on_ray["sample-src-a"]  # not rerun
+    finally:
+        ray.shutdown()

@@ -185,7 +185,13 @@ class ComputeConfig(_Model):
     """Where the work runs: the device for local work and the Ray cluster for fan-out."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    executor: Literal["inline", "ray"] = Field(
+        default="inline",
+        description="'inline' samples and scores in this process; 'ray' fans shards out over Ray actors.",
+    )
     ray_address: str | None = Field(default=None, description="None starts a local Ray; 'auto' or ray://...")
+    num_actors: Annotated[int, Field(ge=1, description="ray: replicas per model (each holds the model).")] = 1
+    shard_size: Annotated[int, Field(ge=1, description="ray: prompts per work unit (one Parquet shard).")] = 256
     num_cpus_per_actor: Annotated[float, Field(gt=0)] = 1.0
     num_gpus_per_actor: Annotated[float, Field(ge=0)] = 0.0
 
@@ -215,6 +221,52 @@ class FusionConfig(_Model):
         return self
 
 
+class LaunchConfig(_Model):
+    """How a training job is launched: `local` = torchrun on this machine, `ray` = Ray Train workers.
+
+    Absent from a job config, `wrpo train` trains in its own process (as before).
+    """
+
+    launcher: Literal["local", "ray"] = "local"
+    nproc_per_node: Annotated[int, Field(ge=1, description="local: processes per machine (one per GPU).")] = 1
+    nnodes: Annotated[int, Field(ge=1, description="local: machines; run the same command on each.")] = 1
+    master_addr: str = Field(
+        default="127.0.0.1", description="local: rendezvous host (node 0 when nnodes > 1)."
+    )
+    master_port: Annotated[int | None, Field(ge=1, le=65535)] = Field(
+        default=None, description="local: rendezvous port; None = a free port (29500 when nnodes > 1)."
+    )
+    ray_address: str | None = Field(
+        default=None, description="ray: 'auto', 'ray://host:10001' or an address; None starts a local Ray."
+    )
+    num_workers: Annotated[int, Field(ge=1, description="ray: training workers (one per GPU).")] = 1
+    use_gpu: bool | None = Field(
+        default=None, description="ray: one GPU per worker; None = if the cluster has GPUs."
+    )
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="ray: e.g. {CPU: 8, GPU: 1}; empty = Ray Train's default."
+    )
+    storage_path: str | None = Field(
+        default=None,
+        description="ray: where checkpoints persist (s3://bucket/prefix, NFS path); a retried or rerun job "
+        "with the same run_name resumes from its newest checkpoint there. None = ~/ray_results.",
+    )
+    run_name: str | None = Field(
+        default=None, description="ray: run name in storage; None = derived from output_dir."
+    )
+    max_failures: Annotated[
+        int, Field(ge=-1, description="ray: worker-failure retries (-1 = unlimited).")
+    ] = 0
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Extra environment variables for the training processes."
+    )
+    shared_output_dir: bool = Field(
+        default=False,
+        description="True when every machine sees the same output_dir (NFS): checkpoints are written once. "
+        "False: each machine keeps its own copy of every checkpoint (needed to resume on local disks).",
+    )
+
+
 class SFTJobConfig(_Model):
     """A Target-SFT training job: `wrpo train sft --config FILE`."""
 
@@ -223,6 +275,7 @@ class SFTJobConfig(_Model):
     output_dir: str
     trust_remote_code: bool = False
     training: SFTConfig = Field(default_factory=SFTConfig)
+    launch: LaunchConfig | None = Field(default=None, description="None = train in this process.")
 
 
 class WRPOJobConfig(_Model):
@@ -236,6 +289,7 @@ class WRPOJobConfig(_Model):
     output_dir: str
     trust_remote_code: bool = False
     training: WRPOConfig = Field(default_factory=WRPOConfig)
+    launch: LaunchConfig | None = Field(default=None, description="None = train in this process.")
 
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)

@@ -194,6 +194,50 @@ def sample(
     }
 
 
+def _storage_for_workers(cfg: FusionConfig, layout: RunLayout) -> tuple[str, dict]:
+    # Workers open the run's storage themselves, with the config's options (credentials they
+    # lack come from their own environment), so no resolved secret travels in task arguments.
+    return layout.storage.url, dict(cfg.storage.storage_options)
+
+
+def sample_on_ray(
+    cfg: FusionConfig, spec: ModelSpec, layout: RunLayout, prompts_key: str, *, device: str
+) -> dict:
+    """The sample stage fanned out over Ray actors: shards written by actors, listed in the manifest."""
+    from wrpo_core import fanout
+
+    out_key = layout.samples(spec.name)
+    prompts = layout.read_dataset(prompts_key, PROMPTS)
+    shards, results = fanout.sample_model(
+        spec, prompts, _storage_for_workers(cfg, layout), out_key, cfg.compute,
+        shard_size=cfg.compute.shard_size, num_actors=cfg.compute.num_actors, device=device,
+    )  # fmt: skip
+    entry = layout.register_dataset(out_key, SAMPLES, [s.out_key for s in shards])
+    return {
+        "model": spec.name,
+        "samples": sum(f["rows"] for f in entry["files"]),
+        "shards": len(shards),
+        "shards_run_now": len(results),
+        "completion_tokens_run_now": sum(r["completion_tokens"] for r in results.values()),
+    }
+
+
+def score_on_ray(cfg: FusionConfig, layout: RunLayout, model: str) -> dict:
+    """The score stage fanned out over Ray actors, one score shard per sample shard."""
+    from wrpo_core import fanout
+
+    _, entry = layout.entry(layout.samples(model))
+    sample_shards = [fanout.Shard(i, 0, 0, f["key"]) for i, f in enumerate(entry["files"])]
+    out_key = layout.scores(model)
+    shards, _ = fanout.score_model(
+        cfg.reward_model, layout.read_dataset(layout.prompts, PROMPTS), _storage_for_workers(cfg, layout),
+        sample_shards, out_key, cfg.compute, num_actors=cfg.compute.num_actors,
+    )  # fmt: skip
+    layout.register_dataset(out_key, SCORES, [s.out_key for s in shards])
+    scores = layout.read_dataset(out_key, SCORES)
+    return {"model": model, "scored": scores.num_rows, "mean_reward": pc.mean(scores["score"]).as_py()}
+
+
 def score(cfg: FusionConfig, layout: RunLayout, model: str) -> dict:
     """Scores one model's samples with the reward model into SCORES."""
     samples = layout.read_dataset(layout.samples(model), SAMPLES)
@@ -382,19 +426,27 @@ def pipeline_stages(cfg: FusionConfig, layout: RunLayout) -> list[tuple[str, Cal
         ("ingest", lambda: ingest(cfg, layout)),
         ("split", lambda: split(cfg, layout)),
     ]
+    on_ray = cfg.compute.executor == "ray"
+
+    def sample_stage(spec: ModelSpec, prompts_key: str) -> dict:
+        if on_ray:
+            return sample_on_ray(cfg, spec, layout, prompts_key, device=device)
+        return sample(spec, layout, prompts_key, device=device)
+
+    def score_stage(model: str) -> dict:
+        return score_on_ray(cfg, layout, model) if on_ray else score(cfg, layout, model)
+
     for spec in cfg.sources:
-        stages.append(
-            (f"sample-{spec.name}", lambda s=spec: sample(s, layout, layout.prompts, device=device))
-        )
-        stages.append((f"score-{spec.name}", lambda s=spec: score(cfg, layout, s.name)))
+        stages.append((f"sample-{spec.name}", lambda s=spec: sample_stage(s, layout.prompts)))
+        stages.append((f"score-{spec.name}", lambda s=spec: score_stage(s.name)))
     stages += [
         ("select-source", lambda: select_source(cfg, layout)),
         ("sft", lambda: sft(cfg, layout)),
         (
             f"sample-{TARGET_SFT}",
-            lambda: sample(target_sft_spec(cfg, layout), layout, layout.split("preference"), device=device),
+            lambda: sample_stage(target_sft_spec(cfg, layout), layout.split("preference")),
         ),
-        (f"score-{TARGET_SFT}", lambda: score(cfg, layout, TARGET_SFT)),
+        (f"score-{TARGET_SFT}", lambda: score_stage(TARGET_SFT)),
         ("select-target", lambda: select_target(cfg, layout)),
         ("wrpo", lambda: wrpo(cfg, layout)),
     ]

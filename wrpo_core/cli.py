@@ -18,16 +18,17 @@ import sys
 
 from wrpo_core.config import ConfigError, FusionConfig, SFTJobConfig, WRPOJobConfig, load_config
 from wrpo_core.schemas import DataError
+from wrpo_core.train.launch import TrainingJobError, inside_launched_job, launch_job, train_in_process
 
 
 def _train(args: argparse.Namespace) -> dict:
-    if args.stage == "sft":
-        from wrpo_core.train.sft import train_sft
-
-        return train_sft(load_config(args.config, SFTJobConfig))
-    from wrpo_core.train.wrpo import train_wrpo
-
-    return train_wrpo(load_config(args.config, WRPOJobConfig))
+    job = load_config(args.config, SFTJobConfig if args.stage == "sft" else WRPOJobConfig)
+    if job.launch is None or inside_launched_job():
+        return train_in_process(args.stage, job)
+    result = launch_job(
+        args.stage, job, config_path=args.config, on_log=lambda line: print(line, file=sys.stderr)
+    )
+    return result.summary
 
 
 def _reference(args: argparse.Namespace) -> dict:
@@ -109,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except TrainingJobError as error:  # a launched job failed; its own output was streamed above
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     print(json.dumps(result, indent=2, default=str))
     return 0
 

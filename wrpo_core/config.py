@@ -191,7 +191,9 @@ class ComputeConfig(_Model):
     )
     ray_address: str | None = Field(default=None, description="None starts a local Ray; 'auto' or ray://...")
     num_actors: Annotated[int, Field(ge=1, description="ray: replicas per model (each holds the model).")] = 1
-    shard_size: Annotated[int, Field(ge=1, description="ray: prompts per work unit (one Parquet shard).")] = 256
+    shard_size: Annotated[int, Field(ge=1, description="ray: prompts per work unit (one Parquet shard).")] = (
+        256
+    )
     num_cpus_per_actor: Annotated[float, Field(gt=0)] = 1.0
     num_gpus_per_actor: Annotated[float, Field(ge=0)] = 0.0
 

@@ -5,9 +5,18 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
+from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedType
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -17,13 +26,17 @@ from transformers import (
     TrainerCallback,
     TrainingArguments,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 from wrpo_core.config import _TrainingHyperparameters
+from wrpo_core.train.launch import (
+    METRICS_FILE,
+    SAVE_ON_EACH_NODE_ENV,
+    checkpoint_step,
+    last_complete_checkpoint,
+    trim_metrics,
+)
 
 logger = logging.getLogger(__name__)
-
-METRICS_FILE = "metrics.jsonl"
 
 
 def bf16_default() -> bool:
@@ -46,10 +59,77 @@ def load_causal_lm(
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
+def free_port() -> int:
+    """A TCP port free on this machine right now (for a process group's rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def check_deepspeed_config(path: str) -> dict:
+    """Reads a DeepSpeed JSON config and refuses ZeRO-3 without 16-bit weight gathering on save.
+
+    Without `stage3_gather_16bit_weights_on_model_save` the Trainer saves only ZeRO shards, so the
+    final model would not be loadable by `from_pretrained`.
+    """
+    with open(path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    zero = config.get("zero_optimization", {})
+    if zero.get("stage") == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save", False):
+        raise ValueError(
+            f"{path}: ZeRO-3 needs zero_optimization.stage3_gather_16bit_weights_on_model_save: true "
+            "so the final model is saved as Hugging Face safetensors"
+        )
+    return config
+
+
+def prepare_deepspeed_process(hp: _TrainingHyperparameters) -> bool:
+    """Readies this process for a DeepSpeed job; True when it created accelerate's state itself.
+
+    A process that no launcher started gets the environment of a one-process group. Without CUDA
+    the state is created with the gloo backend explicitly: left alone, accelerate picks no backend,
+    counts one process, and DeepSpeed's batch-size check fails for two or more processes.
+    """
+    if not hp.deepspeed:
+        return False
+    check_deepspeed_config(hp.deepspeed)
+    if "WORLD_SIZE" not in os.environ:
+        for name, value in (
+            ("RANK", "0"),
+            ("LOCAL_RANK", "0"),
+            ("WORLD_SIZE", "1"),
+            ("LOCAL_WORLD_SIZE", "1"),
+        ):
+            os.environ[name] = value
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    if torch.cuda.is_available():
+        return False
+    state = PartialState._shared_state
+    if (
+        state
+        and state.get("distributed_type") == DistributedType.DEEPSPEED
+        and state.get("backend") == "gloo"
+    ):
+        return True
+    AcceleratorState._reset_state(reset_partial_state=True)
+    previous = os.environ.get("ACCELERATE_USE_DEEPSPEED")
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    try:
+        PartialState(backend="gloo", timeout=timedelta(seconds=1800))
+    finally:
+        if previous is None:
+            del os.environ["ACCELERATE_USE_DEEPSPEED"]
+        else:
+            os.environ["ACCELERATE_USE_DEEPSPEED"] = previous
+    return True
+
+
 def training_arguments(hp: _TrainingHyperparameters, output_dir: str) -> TrainingArguments:
     """TrainingArguments from our hyper-parameters: cosine/warmup, checkpoints, logging, DeepSpeed."""
     report_to = ["tensorboard"] if importlib.util.find_spec("tensorboard") else "none"
     bf16 = bf16_default() if hp.bf16 is None else hp.bf16
+    configured_state = prepare_deepspeed_process(hp)
     return TrainingArguments(
         output_dir=output_dir,
         learning_rate=hp.learning_rate,
@@ -71,9 +151,11 @@ def training_arguments(hp: _TrainingHyperparameters, output_dir: str) -> Trainin
         save_strategy="steps",
         save_steps=hp.save_steps,
         save_total_limit=hp.save_total_limit,
+        save_on_each_node=os.environ.get(SAVE_ON_EACH_NODE_ENV) == "1",
         report_to=report_to,
         remove_unused_columns=False,
         deepspeed=hp.deepspeed,
+        accelerator_config={"use_configured_state": True} if configured_state else None,
         disable_tqdm=False,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
@@ -81,7 +163,7 @@ def training_arguments(hp: _TrainingHyperparameters, output_dir: str) -> Trainin
 
 
 class JsonlMetricsCallback(TrainerCallback):
-    """Appends every logged dict (with its optimizer step) to `output_dir/metrics.jsonl` on rank 0."""
+    """Appends every logged dict (with its optimizer step and wall time) to `metrics.jsonl` on rank 0."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -90,18 +172,37 @@ class JsonlMetricsCallback(TrainerCallback):
         if state.is_world_process_zero and logs:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+                handle.write(json.dumps({"step": state.global_step, "time": time.time(), **logs}) + "\n")
+
+
+_EXTRA_CALLBACKS: list[TrainerCallback] = []
+
+
+@contextmanager
+def extra_callbacks(*callbacks: TrainerCallback) -> Iterator[None]:
+    """Adds callbacks to every trainer that `run_training` runs inside this block (e.g. Ray reporting)."""
+    _EXTRA_CALLBACKS.extend(callbacks)
+    try:
+        yield
+    finally:
+        for callback in callbacks:
+            _EXTRA_CALLBACKS.remove(callback)
 
 
 def run_training(trainer: Trainer, output_dir: str, *, resume: bool = True) -> dict[str, float]:
-    """Trains (resuming from the newest checkpoint in output_dir if any) and saves the final model.
+    """Trains (resuming from the newest complete checkpoint in output_dir) and saves the final model.
 
     The final model lands in `output_dir` in Hugging Face format (safetensors, config, tokenizer
-    with its chat template). Returns the train metrics.
+    with its chat template); under ZeRO-3 every rank must call this, and the shards are gathered
+    (in the training precision: 16-bit with bf16) before rank 0 writes them. Returns the train metrics.
     """
-    checkpoint = get_last_checkpoint(output_dir) if resume and Path(output_dir).is_dir() else None
+    for callback in _EXTRA_CALLBACKS:
+        trainer.add_callback(callback)
+    checkpoint = last_complete_checkpoint(output_dir) if resume else None
     if checkpoint:
         logger.info("resuming from %s", checkpoint)
+    if trainer.is_world_process_zero():  # the steps about to run are logged again
+        trim_metrics(Path(output_dir) / METRICS_FILE, checkpoint_step(checkpoint))
     result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.model.config.use_cache = True
     trainer.save_model(output_dir)

@@ -44,7 +44,13 @@ def two_level_bootstrap(
 
 
 def run_seed(seed: int, args: argparse.Namespace) -> dict[str, np.ndarray]:
-    """Per-prompt exact-correctness (0/1) of each model for one seed's world and run."""
+    """Per-prompt exact-correctness (0/1) of each model for one seed's world and run.
+
+    Saved next to the run, so a rerun (or several processes on disjoint seeds) reuses it.
+    """
+    saved = Path(args.out) / f"seed-{seed}" / f"{args.split}-{args.eval_prompts}-correct.json"
+    if saved.exists():
+        return {name: np.array(values) for name, values in json.loads(saved.read_text()).items()}
     settings = demo_settings(quick=args.quick)
     world_config = settings["world"].model_copy(update={"seed": seed})
     settings = {**settings, "world": world_config}
@@ -62,12 +68,14 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, np.ndarray]:
             models[name], prompts, skills, ToyVerifierScorer(), max_new_tokens=settings["max_new_tokens"]
         )
         correct[name] = np.array([r == 1.0 for r in rewards], dtype=float)
+    saved.write_text(json.dumps({name: values.tolist() for name, values in correct.items()}))
     return correct
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--seed-order", default=None, help="comma-separated seeds to run, e.g. 1,2,3,4,0")
     parser.add_argument("--eval-prompts", type=int, default=2000)
     parser.add_argument("--split", choices=["test", "dev"], default="test", help="tune on dev, report test")
     parser.add_argument("--out", default="runs/fusion-quality")
@@ -78,7 +86,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     started = time.perf_counter()
     per_seed = {}
-    for seed in range(args.seeds):
+    order = [int(s) for s in args.seed_order.split(",")] if args.seed_order else list(range(args.seeds))
+    for seed in order:
         per_seed[seed] = run_seed(seed, args)
         print(f"seed {seed}: " + ", ".join(f"{m} {per_seed[seed][m].mean():.1%}" for m in MODELS), flush=True)
 
@@ -94,7 +103,7 @@ def main() -> None:
     for better, worse in PAIRS:
         diffs = [per_seed[s][better] - per_seed[s][worse] for s in per_seed]
         point, low, high = two_level_bootstrap(diffs)
-        wins = sum(d.mean() > 0 for d in diffs)
+        wins = int(sum(d.mean() > 0 for d in diffs))
         summary[f"{better} - {worse}"] = {"mean": point, "ci": [low, high], "seeds_positive": wins}
         lines.append(
             f"| {better} - {worse} | {point:+.2%} | [{low:+.2%}, {high:+.2%}] | {wins}/{len(diffs)} |"

@@ -65,6 +65,12 @@ def test_pipeline_runs_every_stage_then_resumes(fusion_config, tmp_path, monkeyp
     assert summaries["ingest"]["prompts"] == 12
     assert summaries["split"] == {"sft": 4, "preference": 8}
     assert summaries["sample-src-a"]["samples"] == 48
+    per_model = {row["model"]: row for row in summaries["select-source"]["per_model"]}
+    assert sorted(per_model) == ["src-a", "src-b"]
+    assert per_model["src-a"]["samples"] == 48
+    assert per_model["src-a"]["completion_tokens"] == summaries["sample-src-a"]["completion_tokens"]
+    assert per_model["src-a"]["mean_reward"] == pytest.approx(summaries["score-src-a"]["mean_reward"])
+    assert sum(row["ws_share"] for row in per_model.values()) == pytest.approx(1.0)
     assert_quadruples_once(layout, summaries)
     run = tmp_path / "runs" / "smoke"
     assert (run / "models" / "wrpo" / "model.safetensors").exists()

@@ -162,5 +162,13 @@ def render_report(report: dict) -> str:
     for name, by_skill in report["results"].items():
         cells = [f"{by_skill[c]['accuracy']:.1%} ({by_skill[c]['mean_reward']:.3f})" for c in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", f"Sources: {', '.join(report['sources'])}. Run time: {report['seconds']} s.", ""]
+    lines += [
+        "",
+        "| source | samples | completion tokens | mean reward | share of y_ws |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in report["stages"].get("select-source", {}).get("per_model", []):
+        lines.append(f"| {row['model']} | {row['samples']} | {row['completion_tokens']} | "
+                     f"{row['mean_reward']:.3f} | {row['ws_share']:.1%} |")  # fmt: skip
+    lines += ["", f"Run time: {report['seconds']} s.", ""]
     return "\n".join(lines)

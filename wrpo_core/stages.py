@@ -257,7 +257,25 @@ def select_source(cfg: FusionConfig, layout: RunLayout) -> dict:
     scores = _concat(layout, [layout.scores(n) for n in names], SCORES)
     best, report = select_best_source(samples, scores, layout.read_dataset(layout.prompts, PROMPTS))
     layout.write_dataset(layout.best_source, best, BEST_SOURCE)
-    return report.as_dict()
+    return {**report.as_dict(), "per_model": per_model_statistics(samples, scores, report.ws_share)}
+
+
+def per_model_statistics(samples: pa.Table, scores: pa.Table, ws_share: dict[str, float]) -> list[dict]:
+    """One row per source model: samples, completion tokens, mean reward, share of y_ws supplied."""
+    counts = samples.group_by("model").aggregate(
+        [("completion_tokens", "sum"), ("completion_tokens", "count")]
+    )
+    rewards = dict(
+        zip(*scores.group_by("model").aggregate([("score", "mean")]).to_pydict().values(), strict=True)
+    )
+    rows = []
+    for model, tokens, n in zip(
+        counts["model"].to_pylist(), counts["completion_tokens_sum"].to_pylist(),
+        counts["completion_tokens_count"].to_pylist(), strict=True,
+    ):  # fmt: skip
+        rows.append({"model": model, "samples": n, "completion_tokens": tokens,
+                     "mean_reward": rewards.get(model), "ws_share": ws_share.get(model, 0.0)})  # fmt: skip
+    return sorted(rows, key=lambda row: row["model"])
 
 
 def _rows_of(layout: RunLayout, table: pa.Table, split_name: str) -> pa.Table:
@@ -463,4 +481,10 @@ def run_pipeline(
     """
     layout = layout or layout_for(cfg, root)
     layout.storage.check()
-    return {name: run_stage(layout, name, run, cfg=cfg) for name, run in pipeline_stages(cfg, layout)}
+    summaries = {name: run_stage(layout, name, run, cfg=cfg) for name, run in pipeline_stages(cfg, layout)}
+    for row in summaries["select-source"].get("per_model", []):
+        logger.info(
+            "source %s: %d samples, %d tokens, mean reward %.4f, y_ws share %.1f%%", row["model"],
+            row["samples"], row["completion_tokens"], row["mean_reward"], 100 * row["ws_share"],
+        )  # fmt: skip
+    return summaries

@@ -1,0 +1,171 @@
+"""Sampling and scoring throughput: batching, length-sorted scoring, Ray actor scaling, incremental sources.
+
+Prints four ratios, each against a baseline measured in the same run:
+1. batched HF sampling (n samples per prompt in one `generate`, length-grouped batches) vs one
+   prompt at a time, in completion tokens/s;
+2. batched, length-sorted reward scoring vs batch size 1 (as the SimPO scripts score), samples/s;
+3. 2 Ray actors vs 1 on the same shards (scaling efficiency = speed-up / 2);
+4. adding one source to a run whose other sources are stored (only the new one is sampled) vs
+   sampling every source again.
+
+Run: `.venv/bin/python bench/sampling.py` (about 3-5 minutes on 2 cores; `--quick` for a smoke check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import pyarrow as pa
+import torch
+from transformers import LlamaForSequenceClassification
+
+from wrpo_core.config import ComputeConfig, ModelSpec, RewardModelSpec, SamplingConfig
+from wrpo_core.fanout import sample_model
+from wrpo_core.prompts import prompt_id_of
+from wrpo_core.rewards import SequenceClassifierScorer
+from wrpo_core.sampling import HFSampler
+from wrpo_core.toy.skills import SKILLS, make_prompts
+from wrpo_core.toy.tiny_models import build_tiny_llama, save_tiny_model, tiny_llama_config
+from wrpo_core.toy.tokenizer import build_char_tokenizer
+
+SIZE = {"hidden_size": 128, "num_layers": 2, "num_heads": 4}
+
+
+def timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def bench_batching(model_dir: str, prompts: list[str], n: int, max_new_tokens: int) -> dict:
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_llama(tokenizer, seed=0, **SIZE).eval()
+    sampling = SamplingConfig(n=n, max_new_tokens=max_new_tokens, temperature=0.8)
+    ids = [prompt_id_of(p) for p in prompts]
+    rates = {}
+    for batch_size in (64, 1):
+        sampler = HFSampler(model, tokenizer, "m", sampling, batch_size=batch_size, progress=False)
+        (_, report), seconds = timed(lambda s=sampler: s.sample(ids, prompts))
+        rates[batch_size] = report.completion_tokens / seconds
+    return {"batched_tok_s": rates[64], "one_at_a_time_tok_s": rates[1], "ratio": rates[64] / rates[1]}
+
+
+def bench_scoring(out: Path, prompts: list[str], responses: list[str]) -> dict:
+    tokenizer = build_char_tokenizer()
+    config = tiny_llama_config(tokenizer, hidden_size=256, num_layers=4, num_heads=8)
+    config.num_labels = 1
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).save_pretrained(out / "rm")
+    tokenizer.save_pretrained(out / "rm")
+    rates, scores = {}, {}
+    for batch_size in (32, 1):
+        scorer = SequenceClassifierScorer(
+            RewardModelSpec(path=str(out / "rm"), batch_size=batch_size), progress=False
+        )
+        scores[batch_size], seconds = timed(lambda s=scorer: s.score(prompts, responses))
+        rates[batch_size] = len(prompts) / seconds
+    diff = max(abs(a - b) for a, b in zip(scores[32], scores[1], strict=True))
+    return {
+        "batched_samples_s": rates[32],
+        "one_at_a_time_samples_s": rates[1],
+        "ratio": rates[32] / rates[1],
+        "max_score_diff": diff,
+    }
+
+
+def prompts_table(prompts: list[str]) -> pa.Table:
+    return pa.table({"prompt_id": [prompt_id_of(p) for p in prompts], "prompt": prompts})
+
+
+def bench_actors(
+    model_dir: str, prompts: pa.Table, out: Path, shard_size: int, n: int, max_new_tokens: int
+) -> dict:
+    spec = ModelSpec(path=model_dir, name="m", sampling={"n": n, "max_new_tokens": max_new_tokens})
+    seconds = {}
+    for actors in (1, 2):
+        storage = (str(out / f"actors-{actors}"), {})
+        _, seconds[actors] = timed(
+            lambda a=actors, st=storage: sample_model(
+                spec, prompts, st, "samples/m", ComputeConfig(), shard_size=shard_size, num_actors=a
+            )
+        )
+    speedup = seconds[1] / seconds[2]
+    return {
+        "one_actor_s": seconds[1],
+        "two_actors_s": seconds[2],
+        "speedup": speedup,
+        "efficiency": speedup / 2,
+    }
+
+
+def bench_incremental(
+    models: dict[str, str], prompts: pa.Table, out: Path, shard_size: int, n: int, max_new_tokens: int
+) -> dict:
+    def sample(names: list[str], root: Path) -> None:
+        for name in names:
+            spec = ModelSpec(
+                path=models[name], name=name, sampling={"n": n, "max_new_tokens": max_new_tokens}
+            )
+            sample_model(spec, prompts, (str(root), {}), f"samples/{name}", ComputeConfig(),
+                         shard_size=shard_size, num_actors=2)  # fmt: skip
+
+    names = list(models)
+    sample(names[:-1], out / "incremental")  # the run as it was before the new source was registered
+    _, incremental = timed(lambda: sample(names, out / "incremental"))  # stored shards are skipped
+    _, everything = timed(lambda: sample(names, out / "fresh"))
+    return {"incremental_s": incremental, "all_again_s": everything, "ratio": everything / incremental}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    prompts_n, n, new_tokens = (24, 2, 8) if args.quick else (192, 4, 16)
+    rows = make_prompts(list(SKILLS), prompts_n, seed=0)
+    prompts = [r["prompt"] for r in rows]
+    out = Path(tempfile.mkdtemp(prefix="bench-sampling-"))
+    tokenizer = build_char_tokenizer()
+    models = {
+        f"src-{i}": save_tiny_model(build_tiny_llama(tokenizer, seed=i, **SIZE), tokenizer, out / f"m{i}")
+        for i in range(4)
+    }
+    table = prompts_table(prompts)
+
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    results = {
+        "batching": bench_batching(models["src-0"], prompts[: max(8, prompts_n // 4)], n, new_tokens),
+        "scoring": bench_scoring(
+            out, prompts * n, [r["answer"] * (1 + i % 5) for i, r in enumerate(rows * n)]
+        ),
+        "actors": bench_actors(models["src-0"], table, out, max(4, prompts_n // 8), n, new_tokens),
+        "incremental": bench_incremental(models, table, out, max(4, prompts_n // 8), n, new_tokens),
+    }
+    ray.shutdown()
+    b, s, a, i = results["batching"], results["scoring"], results["actors"], results["incremental"]
+    print(
+        f"prompts {prompts_n}, n {n}, max_new_tokens {new_tokens}, cores {os.cpu_count()}, load {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        f"1. batched sampling vs one prompt at a time: {b['batched_tok_s']:.0f} vs {b['one_at_a_time_tok_s']:.0f} tok/s -> {b['ratio']:.1f}x"
+    )
+    print(f"2. length-sorted batched scoring vs batch 1: {s['batched_samples_s']:.0f} vs {s['one_at_a_time_samples_s']:.0f} samples/s "
+          f"-> {s['ratio']:.1f}x (max |score diff| {s['max_score_diff']:.1e})")  # fmt: skip
+    print(f"3. 2 Ray actors vs 1: {a['two_actors_s']:.1f} s vs {a['one_actor_s']:.1f} s -> speed-up {a['speedup']:.2f}x, "
+          f"efficiency {a['efficiency']:.0%}")  # fmt: skip
+    print(
+        f"4. one added source vs all sources again: {i['incremental_s']:.1f} s vs {i['all_again_s']:.1f} s -> {i['ratio']:.1f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -416,6 +416,15 @@ def prepare_local(
     return torchrun_command(stage, config_path, launch, run_id=run_id), launched_env(launch)
 
 
+BUILD_CPU_COMM_OP = "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def launch_local(
     stage: Stage,
     job: JobConfig,
@@ -434,6 +443,10 @@ def launch_local(
     command, env = prepare_local(stage, job, config_path)
     config_path = command[-1]
     metrics_path = Path(job.output_dir) / METRICS_FILE
+    if launch.nproc_per_node > 1 and job.training.deepspeed and not torch_cuda_available():
+        # DeepSpeed JIT-builds its CPU communication op on first use; ranks building it at the
+        # same time into one TORCH_EXTENSIONS_DIR can fail, so one process builds it first.
+        run_subprocess([sys.executable, "-c", BUILD_CPU_COMM_OP], env, metrics_path, on_log=on_log)
     if needs_reference_pass(stage, job) and launch.nproc_per_node > 1:
         reference = [sys.executable, "-m", "wrpo_core.cli", "reference", "--config", config_path]
         run_subprocess(reference, env, metrics_path, on_log=on_log)

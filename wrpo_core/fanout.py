@@ -83,20 +83,9 @@ class SamplingWorker:
         self.spec = spec
         self.prompts = prompts
         self.storage = Storage.open(*storage)
-        from wrpo_core.train.common import load_tokenizer
+        from wrpo_core.sampling import load_sampler
 
-        tokenizer = load_tokenizer(spec.path, trust_remote_code=spec.trust_remote_code)
-        if spec.backend == "vllm":
-            from wrpo_core.sampling.vllm import VLLMSampler, build_engine
-
-            self.sampler = VLLMSampler(build_engine(spec), tokenizer, spec, progress=False)
-        else:
-            from wrpo_core.sampling.hf import HFSampler
-            from wrpo_core.train.common import load_causal_lm
-
-            model = load_causal_lm(spec.path, trust_remote_code=spec.trust_remote_code, dtype=spec.dtype)
-            self.sampler = HFSampler(model.to(device).eval(), tokenizer, spec.name, spec.sampling,
-                                     batch_size=batch_size, progress=False)  # fmt: skip
+        self.sampler = load_sampler(spec, device=device, batch_size=batch_size, progress=False)
 
     def run(self, shard: Shard) -> dict[str, Any]:
         rows = self.prompts.slice(shard.start, shard.stop - shard.start)

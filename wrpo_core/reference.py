@@ -52,20 +52,13 @@ def compute_reference_logps(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval()
     collate = ResponseCollator(pad_token_id=pad_token_id)
-    lengths = [
-        len(p) + max(len(r) for r in rs)
-        for p, rs in zip(dataset["prompt_ids"], dataset["response_ids"], strict=True)
-    ]
+    prompt_ids, response_ids = list(dataset["prompt_ids"]), list(dataset["response_ids"])  # decoded once
+    lengths = [len(p) + max(len(r) for r in rs) for p, rs in zip(prompt_ids, response_ids, strict=True)]
     order = np.argsort(-np.asarray(lengths), kind="stable")
     result = np.empty((len(dataset), 3), dtype=np.float64)
     for start in tqdm(range(0, len(order), batch_size), desc="reference log-probs", disable=not progress):
         index = order[start : start + batch_size]
-        batch = collate(
-            [
-                {"prompt_ids": dataset[int(i)]["prompt_ids"], "response_ids": dataset[int(i)]["response_ids"]}
-                for i in index
-            ]
-        )
+        batch = collate([{"prompt_ids": prompt_ids[i], "response_ids": response_ids[i]} for i in index])
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logps, _ = grouped_logps(model, batch)

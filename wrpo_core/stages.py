@@ -28,7 +28,7 @@ import yaml
 from wrpo_core.config import FusionConfig, ModelSpec, SFTJobConfig, WRPOConfig, WRPOJobConfig
 from wrpo_core.prompts import load_prompts, split_prompts
 from wrpo_core.rewards import load_scorer, score_samples
-from wrpo_core.sampling import HFSampler
+from wrpo_core.sampling import load_sampler
 from wrpo_core.schemas import BEST_SOURCE, PROMPTS, QUADRUPLES, SAMPLES, SCORES
 from wrpo_core.selection import select_best_source, select_target_pairs
 from wrpo_core.storage import (
@@ -40,7 +40,7 @@ from wrpo_core.storage import (
     redact_options,
     safe_name,
 )
-from wrpo_core.train.common import METRICS_FILE, load_causal_lm, load_tokenizer
+from wrpo_core.train.common import METRICS_FILE
 from wrpo_core.train.sft import train_sft
 from wrpo_core.train.wrpo import train_wrpo
 
@@ -165,22 +165,12 @@ def sample(
     device: str = "cpu",
     batch_size: int = 32,
 ) -> dict:
-    """Samples `spec.sampling.n` responses per prompt from one model (HF backend) into SAMPLES.
+    """Samples `spec.sampling.n` responses per prompt from one model (its HF or vLLM backend) into SAMPLES.
 
     Reads the prompts dataset `prompts_key`; writes `out_key` (default `samples/<spec.name>`).
     """
-    if spec.backend != "hf":
-        raise NotImplementedError(
-            f"model {spec.name}: backend {spec.backend!r} is not available in this stage yet"
-        )
     prompts = layout.read_dataset(prompts_key, PROMPTS)
-    tokenizer = load_tokenizer(spec.path, trust_remote_code=spec.trust_remote_code)
-    model = (
-        load_causal_lm(spec.path, trust_remote_code=spec.trust_remote_code, dtype=spec.dtype)
-        .to(device)
-        .eval()
-    )
-    sampler = HFSampler(model, tokenizer, spec.name, spec.sampling, batch_size=batch_size)
+    sampler = load_sampler(spec, device=device, batch_size=batch_size)
     table, report = sampler.sample(prompts["prompt_id"].to_pylist(), prompts["prompt"].to_pylist())
     layout.write_dataset(out_key or layout.samples(spec.name), table, SAMPLES)
     return {

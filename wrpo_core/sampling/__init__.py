@@ -1,6 +1,31 @@
 """Samplers that turn (prompts, model) into SAMPLES rows: Hugging Face transformers and vLLM."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from wrpo_core.sampling.common import SamplingReport, sample_seed
 from wrpo_core.sampling.hf import HFSampler
 
-__all__ = ["HFSampler", "SamplingReport", "sample_seed"]
+if TYPE_CHECKING:
+    from wrpo_core.config import ModelSpec
+    from wrpo_core.sampling.vllm import VLLMSampler
+
+__all__ = ["HFSampler", "SamplingReport", "load_sampler", "sample_seed"]
+
+
+def load_sampler(
+    spec: ModelSpec, *, device: str = "cpu", batch_size: int = 32, progress: bool = True
+) -> HFSampler | VLLMSampler:
+    """The sampler a model spec names: its backend ('hf' or 'vllm') with the model loaded."""
+    from wrpo_core.train.common import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(spec.path, trust_remote_code=spec.trust_remote_code)
+    if spec.backend == "vllm":
+        from wrpo_core.sampling.vllm import VLLMSampler, build_engine
+
+        return VLLMSampler(build_engine(spec), tokenizer, spec, progress=progress)
+    model = load_causal_lm(spec.path, trust_remote_code=spec.trust_remote_code, dtype=spec.dtype)
+    return HFSampler(
+        model.to(device).eval(), tokenizer, spec.name, spec.sampling, batch_size=batch_size, progress=progress
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 # Set before torch / tokenizers are imported anywhere in the test session.
@@ -13,6 +14,8 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
+from wrpo_core.config import FusionConfig
+from wrpo_core.toy.skills import make_prompts
 from wrpo_core.toy.tiny_models import build_tiny_llama, save_tiny_model
 from wrpo_core.toy.tokenizer import build_char_tokenizer
 
@@ -34,3 +37,30 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     tokenizer = build_char_tokenizer()
     model = build_tiny_llama(tokenizer, seed=0)
     return save_tiny_model(model, tokenizer, tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture()
+def fusion_config(tmp_path, tiny_model_dir):
+    """A two-source fusion config on the tiny untrained model: every stage runs in seconds."""
+    prompts = tmp_path / "prompts.jsonl"
+    rows = make_prompts(["reverse", "add", "upper"], 12, seed=0)
+    prompts.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in rows))
+    sampling = {"n": 4, "max_new_tokens": 8, "temperature": 1.0}
+    small = {"max_steps": 2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1,
+             "gradient_checkpointing": False, "learning_rate": 1e-3, "bf16": False}  # fmt: skip
+    return FusionConfig.model_validate(
+        {
+            "run_name": "smoke",
+            "prompts": {"path": str(prompts)},
+            "sources": [
+                {"path": tiny_model_dir, "name": "src-a", "sampling": sampling},
+                {"path": tiny_model_dir, "name": "src-b", "sampling": {**sampling, "seed": 1}},
+            ],
+            "target": {"path": tiny_model_dir, "name": "target", "sampling": sampling},
+            "reward_model": {"path": "toy-verifier", "kind": "toy_verifier"},
+            "sft": {**small, "max_seq_length": 64, "max_prompt_length": 32},
+            "wrpo": {**small, "beta": 1.0, "max_length": 64, "max_prompt_length": 32},
+            "storage": {"url": str(tmp_path / "runs")},
+            "compute": {"device": "cpu"},
+        }
+    )

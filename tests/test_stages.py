@@ -1,7 +1,6 @@
 """The whole pipeline on tiny untrained models, in seconds: every stage runs, a rerun resumes,
 a crashed stage is redone without reading its leftovers, and the same holds on a real S3 server."""
 
-import json
 import re
 
 import pyarrow as pa
@@ -13,33 +12,6 @@ from wrpo_core import stages
 from wrpo_core.config import FusionConfig
 from wrpo_core.schemas import BEST_SOURCE, QUADRUPLES, SAMPLES
 from wrpo_core.storage import ManifestError, StorageError
-from wrpo_core.toy.skills import make_prompts
-
-
-@pytest.fixture()
-def fusion_config(tmp_path, tiny_model_dir):
-    prompts = tmp_path / "prompts.jsonl"
-    rows = make_prompts(["reverse", "add", "upper"], 12, seed=0)
-    prompts.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in rows))
-    sampling = {"n": 4, "max_new_tokens": 8, "temperature": 1.0}
-    small = {"max_steps": 2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1,
-             "gradient_checkpointing": False, "learning_rate": 1e-3, "bf16": False}  # fmt: skip
-    return FusionConfig.model_validate(
-        {
-            "run_name": "smoke",
-            "prompts": {"path": str(prompts)},
-            "sources": [
-                {"path": tiny_model_dir, "name": "src-a", "sampling": sampling},
-                {"path": tiny_model_dir, "name": "src-b", "sampling": {**sampling, "seed": 1}},
-            ],
-            "target": {"path": tiny_model_dir, "name": "target", "sampling": sampling},
-            "reward_model": {"path": "toy-verifier", "kind": "toy_verifier"},
-            "sft": {**small, "max_seq_length": 64, "max_prompt_length": 32},
-            "wrpo": {**small, "beta": 1.0, "max_length": 64, "max_prompt_length": 32},
-            "storage": {"url": str(tmp_path / "runs")},
-            "compute": {"device": "cpu"},
-        }
-    )
 
 
 def s3_config(cfg: FusionConfig, prefix: str, options: dict) -> FusionConfig:
@@ -60,7 +32,7 @@ def test_pipeline_runs_every_stage_then_resumes(fusion_config, tmp_path, monkeyp
     summaries = stages.run_pipeline(fusion_config)
     layout = stages.layout_for(fusion_config)
     assert layout.root == str(tmp_path / "runs" / "smoke")
-    names = [name for name, _ in stages.pipeline_stages(fusion_config, layout)]
+    names = [stage.name for stage in stages.pipeline_stages(fusion_config, layout)]
     assert list(summaries) == names
     assert summaries["ingest"]["prompts"] == 12
     assert summaries["split"] == {"sft": 4, "preference": 8}
@@ -105,7 +77,7 @@ def test_pipeline_runs_every_stage_then_resumes(fusion_config, tmp_path, monkeyp
 
     # A stage whose manifest is missing (the process died before writing it) runs again, alone.
     (run / "manifests" / "wrpo.json").unlink()
-    monkeypatch.setattr(stages, "wrpo", lambda cfg, lay: {"rerun": True})
+    monkeypatch.setattr(stages, "wrpo", lambda cfg, lay, **hooks: {"rerun": True})
     assert stages.run_pipeline(fusion_config)["wrpo"] == {"rerun": True}
 
 

@@ -6,6 +6,9 @@ wrpo reference  --config wrpo-job.yaml    # only store reference log-probs with 
 wrpo config check FILE                    # validate a fusion-run config
 wrpo export --to authors|trl QUADRUPLES.parquet OUT.jsonl
 wrpo demo [--out DIR]                     # the whole pipeline offline on tiny models
+wrpo run --config fusion.yaml [--registry] # the fusion pipeline in this process (no Prefect)
+wrpo sources add NAME PATH [--storage URL] # register a source model (emits a Prefect event)
+wrpo sources list|remove NAME [--storage URL]
 """
 
 from __future__ import annotations
@@ -17,8 +20,13 @@ import os
 import sys
 
 from wrpo_core.config import ConfigError, FusionConfig, SFTJobConfig, WRPOJobConfig, load_config
+from wrpo_core.registry import RegistryError
 from wrpo_core.schemas import DataError
 from wrpo_core.train.launch import TrainingJobError, inside_launched_job, launch_job, train_in_process
+
+
+class CommandError(RuntimeError):
+    """A command that failed for a reason its message explains (e.g. a pipeline stage)."""
 
 
 def _train(args: argparse.Namespace) -> dict:
@@ -64,6 +72,83 @@ def _demo(args: argparse.Namespace) -> dict:
     return run_demo(args.out, quick=args.quick)
 
 
+def _run(args: argparse.Namespace) -> dict:
+    from wrpo_core.registry import open_registry, registered_sources, with_registered_sources
+    from wrpo_core.stages import StageError, layout_for, run_pipeline
+
+    cfg = load_config(args.config, FusionConfig)
+    if args.registry:
+        registry = open_registry(cfg.storage.url, cfg.storage.storage_options)
+        cfg = with_registered_sources(cfg, registered_sources(registry))
+    try:
+        summaries = run_pipeline(cfg)
+    except StageError as error:
+        raise CommandError(str(error)) from error
+    return {
+        "run": layout_for(cfg).storage.display(),
+        "stages": list(summaries),
+        "register": summaries["register"],
+    }
+
+
+def _registry_storage(args: argparse.Namespace):
+    from wrpo_core.registry import open_registry
+
+    if args.config:
+        cfg = load_config(args.config, FusionConfig)
+        return open_registry(cfg.storage.url, cfg.storage.storage_options)
+    return open_registry(args.storage)
+
+
+def _notify(args: argparse.Namespace, action: str, name: str, path: str, storage, version: int) -> str:
+    """Emits the registry event to Prefect (per --event); returns what happened, for the output."""
+    if args.event == "never":
+        return "not sent (--event never)"
+    if args.event == "auto" and not os.environ.get("PREFECT_API_URL"):
+        return "not sent: PREFECT_API_URL is not set (a scheduled re-fusion picks the change up)"
+    try:
+        from prefect.events.worker import EventsWorker
+
+        from flows.events import emit_registry_event
+    except ImportError as error:
+        raise ConfigError(
+            f"cannot emit the event: {error}; pip install 'wrpo-fusion[orchestration]'"
+        ) from error
+    event = emit_registry_event(action, name, path, storage.display(), version)
+    EventsWorker.drain_all()  # send it before this short-lived process exits
+    return f"sent {event.event} ({event.id})"
+
+
+def _sources(args: argparse.Namespace) -> dict:
+    from wrpo_core.config import ModelSpec
+    from wrpo_core.registry import add_source, read_sources, remove_source
+
+    storage = _registry_storage(args)
+    if args.sources_command == "list":
+        document = read_sources(storage)
+        return {"registry": storage.display(), "version": document["version"], "sources": document["sources"]}
+    if args.sources_command == "add":
+        sampling = {"n": args.n} if args.n else {}
+        spec = ModelSpec.model_validate(
+            {
+                "name": args.name,
+                "path": args.path,
+                "backend": args.backend,
+                "revision": args.revision,
+                "trust_remote_code": args.trust_remote_code,
+                "tensor_parallel_size": args.tensor_parallel_size,
+                "sampling": sampling,
+            }
+        )
+        document = add_source(storage, spec, replace=args.replace)
+        event = _notify(args, "added", spec.name, spec.path, storage, document["version"])
+    else:
+        document = remove_source(storage, args.name)
+        event = _notify(args, "removed", args.name, "", storage, document["version"])
+    return {"registry": storage.display(), "version": document["version"], "event": event,
+            "sources": [s["name"] for s in document["sources"]]}  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wrpo", description="Implicit model fusion with WRPO.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -94,6 +179,36 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     demo.add_argument("--quick", action="store_true", help="the smallest settings (seconds; for smoke tests)")
     demo.set_defaults(handler=_demo)
+
+    run = commands.add_parser("run", help="run the fusion pipeline of a config in this process (no Prefect)")
+    run.add_argument("--config", required=True, help="FusionConfig YAML")
+    run.add_argument("--registry", action="store_true", help="also fuse the sources registered in storage")
+    run.set_defaults(handler=_run)
+
+    sources = commands.add_parser("sources", help="the source-model registry (in storage)")
+    sources_commands = sources.add_subparsers(dest="sources_command", required=True)
+    for name, text in (("add", "register a source model"), ("list", "show the registry"),
+                       ("remove", "unregister a source model")):  # fmt: skip
+        sub = sources_commands.add_parser(name, help=text)
+        where = sub.add_mutually_exclusive_group()
+        where.add_argument("--storage", default=os.environ.get("WRPO_STORAGE", "./runs"),
+                           help="storage URL holding registry/ (default $WRPO_STORAGE or ./runs)")  # fmt: skip
+        where.add_argument("--config", help="take the storage URL and options from this FusionConfig YAML")
+        if name != "list":
+            sub.add_argument("name", help="the source's name (unique; used in sample keys)")
+            sub.add_argument("--event", choices=["auto", "always", "never"], default="auto",
+                             help="emit a Prefect event (auto: when PREFECT_API_URL is set)")  # fmt: skip
+        if name == "add":
+            sub.add_argument(
+                "path", help="Hugging Face hub id or local folder (or toy-world:<preset>/<name>)"
+            )
+            sub.add_argument("--backend", choices=["hf", "vllm"], default="hf")
+            sub.add_argument("--revision")
+            sub.add_argument("--n", type=int, help="responses sampled per prompt (default: the config's)")
+            sub.add_argument("--tensor-parallel-size", type=int, default=1)
+            sub.add_argument("--trust-remote-code", action="store_true")
+            sub.add_argument("--replace", action="store_true", help="change an already registered source")
+        sub.set_defaults(handler=_sources)
     return parser
 
 
@@ -107,10 +222,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         result = args.handler(args)
-    except (ConfigError, DataError) as error:
+    except (ConfigError, DataError, RegistryError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except TrainingJobError as error:  # a launched job failed; its own output was streamed above
+    except (
+        TrainingJobError,
+        CommandError,
+    ) as error:  # a launched job failed; its own output was streamed above
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(json.dumps(result, indent=2, default=str))

@@ -198,31 +198,6 @@ class ComputeConfig(_Model):
     num_gpus_per_actor: Annotated[float, Field(ge=0)] = 0.0
 
 
-class FusionConfig(_Model):
-    """A whole fusion run: prompts, sources, target, reward model, split, SFT, WRPO, storage, compute."""
-
-    run_name: str = "fusion"
-    prompts: PromptsConfig
-    sources: list[ModelSpec] = Field(min_length=1)
-    target: ModelSpec
-    reward_model: RewardModelSpec
-    split: SplitConfig = Field(default_factory=SplitConfig)
-    sft: SFTConfig = Field(default_factory=SFTConfig)
-    wrpo: WRPOConfig = Field(default_factory=WRPOConfig)
-    storage: StorageConfig = Field(default_factory=StorageConfig)
-    compute: ComputeConfig = Field(default_factory=ComputeConfig)
-
-    @model_validator(mode="after")
-    def _unique_source_names(self) -> FusionConfig:
-        names = [s.name for s in self.sources]
-        duplicated = sorted({n for n in names if names.count(n) > 1})
-        if duplicated:
-            raise ValueError(f"source model names must be unique; repeated: {duplicated} (set `name`)")
-        if self.target.name in names:
-            raise ValueError(f"target name {self.target.name!r} is also a source name; set `target.name`")
-        return self
-
-
 class LaunchConfig(_Model):
     """How a training job is launched: `local` = torchrun on this machine, `ray` = Ray Train workers.
 
@@ -267,6 +242,49 @@ class LaunchConfig(_Model):
         description="True when every machine sees the same output_dir (NFS): checkpoints are written once. "
         "False: each machine keeps its own copy of every checkpoint (needed to resume on local disks).",
     )
+
+
+class EvaluationConfig(_Model):
+    """Held-out evaluation of the fused model: reward-judged win rates against the target and Target-SFT."""
+
+    prompts: PromptsConfig | None = Field(
+        default=None, description="Held-out prompts (never trained on); None skips the evaluation stage."
+    )
+    max_new_tokens: Annotated[int, Field(ge=1)] = 512
+    batch_size: Annotated[int, Field(ge=1)] = 16
+    judge: RewardModelSpec | None = Field(
+        default=None, description="Reward model that judges; None = the run's."
+    )
+
+
+class FusionConfig(_Model):
+    """A whole fusion run: prompts, sources, target, reward model, split, SFT, WRPO, storage, compute."""
+
+    run_name: str = "fusion"
+    prompts: PromptsConfig
+    sources: list[ModelSpec] = Field(min_length=1)
+    target: ModelSpec
+    reward_model: RewardModelSpec
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    wrpo: WRPOConfig = Field(default_factory=WRPOConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    launch: LaunchConfig | None = Field(
+        default=None,
+        description="How SFT and WRPO train: torchrun or Ray Train jobs; None = in the stage's process.",
+    )
+
+    @model_validator(mode="after")
+    def _unique_source_names(self) -> FusionConfig:
+        names = [s.name for s in self.sources]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"source model names must be unique; repeated: {duplicated} (set `name`)")
+        if self.target.name in names:
+            raise ValueError(f"target name {self.target.name!r} is also a source name; set `target.name`")
+        return self
 
 
 class SFTJobConfig(_Model):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,16 +39,17 @@ class Shard:
     out_key: str
 
 
-def shard_key(index: int) -> str:
-    return f"part-{index:05d}.parquet"
+def shard_key(index: int, tag: str = "") -> str:
+    """A shard's file name; `tag` (a digest of what produced it) keeps a changed run from reusing it."""
+    return f"part-{tag + '-' if tag else ''}{index:05d}.parquet"
 
 
-def plan_shards(num_rows: int, shard_size: int, out_prefix: str) -> list[Shard]:
+def plan_shards(num_rows: int, shard_size: int, out_prefix: str, tag: str = "") -> list[Shard]:
     """Deterministic shards of `shard_size` rows over `num_rows` prompts, keyed under `out_prefix`."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     return [
-        Shard(i, start, min(start + shard_size, num_rows), f"{out_prefix.rstrip('/')}/{shard_key(i)}")
+        Shard(i, start, min(start + shard_size, num_rows), f"{out_prefix.rstrip('/')}/{shard_key(i, tag)}")
         for i, start in enumerate(range(0, num_rows, shard_size))
     ]
 
@@ -132,17 +134,21 @@ class ScoringWorker:
 # --- the driver ----------------------------------------------------------------------------------
 
 
+_RAY_INIT = threading.Lock()
+
+
 def init_ray(compute: ComputeConfig) -> None:
-    """Connects to `compute.ray_address`, or starts a local Ray sized to this machine."""
+    """Connects to `compute.ray_address`, or starts a local Ray sized to this machine (thread-safe)."""
     import ray
 
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if compute.ray_address:
-        ray.init(address=compute.ray_address, ignore_reinit_error=True, log_to_driver=False)
-    else:
-        ray.init(include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    with _RAY_INIT:  # stages of several models may start at once (the flow's task threads)
+        if ray.is_initialized():
+            return
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        if compute.ray_address:
+            ray.init(address=compute.ray_address, ignore_reinit_error=True, log_to_driver=False)
+        else:
+            ray.init(include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
 
 
 def actor_options(spec: ModelSpec | None, compute: ComputeConfig) -> dict[str, Any]:
@@ -241,16 +247,19 @@ def sample_model(
     num_actors: int = 1,
     device: str = "cpu",
     batch_size: int = 32,
+    tag: str = "",
 ) -> tuple[list[Shard], dict[int, dict]]:
-    """Samples every prompt shard of one model on Ray actors into `out_prefix/part-NNNNN.parquet`.
+    """Samples every prompt shard of one model on Ray actors into `out_prefix/part-[TAG-]NNNNN.parquet`.
 
     `storage` is (root URL, storage options) as given in the config: each actor opens it itself,
-    resolving credentials from its own environment when the options hold none.
+    resolving credentials from its own environment when the options hold none. Shards already
+    written under the same `tag` are kept (a rerun after a crash); give a new tag when the model,
+    its sampling settings or the prompts change.
     """
     import ray
 
     init_ray(compute)
-    shards = plan_shards(prompts.num_rows, shard_size, out_prefix)
+    shards = plan_shards(prompts.num_rows, shard_size, out_prefix, tag)
     prompts_ref = ray.put(prompts)
     actor_class = ray.remote(SamplingWorker).options(**actor_options(spec, compute))
 
@@ -272,13 +281,14 @@ def score_model(
     compute: ComputeConfig,
     *,
     num_actors: int = 1,
+    tag: str = "",
 ) -> tuple[list[Shard], dict[int, dict]]:
-    """Scores every sample shard of one model on Ray actors, shard for shard."""
+    """Scores every sample shard of one model on Ray actors, shard for shard (`tag`: see sample_model)."""
     import ray
 
     init_ray(compute)
     shards = [
-        Shard(s.index, s.start, s.stop, f"{out_prefix.rstrip('/')}/{shard_key(s.index)}")
+        Shard(s.index, s.start, s.stop, f"{out_prefix.rstrip('/')}/{shard_key(s.index, tag)}")
         for s in sample_shards
     ]
     samples_key = {s.index: s.out_key for s in sample_shards}

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -35,16 +36,19 @@ from wrpo_core.storage import (
     DEFAULT_ROWS_PER_FILE,
     ManifestError,
     RunLayout,
+    Storage,
     code_version,
     digest,
     redact_options,
     safe_name,
 )
+from wrpo_core.toy.paths import resolve_path
 from wrpo_core.train.common import METRICS_FILE
+from wrpo_core.train.launch import LogCallback, MetricsCallback, launch_job
 from wrpo_core.train.sft import train_sft
 from wrpo_core.train.wrpo import train_wrpo
 
-__all__ = ["TARGET_SFT", "RunLayout", "layout_for", "run_pipeline", "run_stage"]
+__all__ = ["TARGET_SFT", "RunLayout", "Stage", "StageError", "layout_for", "run_pipeline", "run_stage"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,29 +100,145 @@ def load_summary(layout: RunLayout, stage: str) -> dict:
     return manifest["summary"]
 
 
-def run_stage(
-    layout: RunLayout, name: str, run: Callable[[], dict], *, cfg: FusionConfig | None = None
-) -> dict:
-    """Runs one stage unless it is done with unchanged inputs; its manifest is written last.
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the pipeline: its name, how to run it, and what its result depends on."""
 
-    A stage that ran before but whose inputs changed since (an upstream stage was redone with
-    other results) runs again. Returns the stage's summary.
+    name: str
+    run: Callable[[], dict]
+    key: Any = None
+    """The settings its result depends on besides its input data (stored digested in its manifest)."""
+    after: tuple[str, ...] = ()
+    """Stages that must be complete first (the flow runs the others concurrently)."""
+    model: str | None = None
+    """The model it samples, scores or trains, for error messages."""
+    reusable: bool = False
+    """A data-only stage: another run's result with the same key and inputs can be copied instead."""
+
+
+Outcome = Literal["ran", "skipped", "reused"]
+
+PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError, TypeError, LookupError, NotImplementedError, FileNotFoundError, ManifestError,
+)  # fmt: skip
+"""Errors that a retry cannot fix (bad config or data, a missing model, an unfinished input)."""
+
+
+class StageError(RuntimeError):
+    """A failed stage, naming it and its model; the cause (with shard and file) is in the message."""
+
+    def __init__(self, stage: str, model: str | None, error: BaseException):
+        self.stage, self.model = stage, model
+        self.permanent = isinstance(error, PERMANENT_ERRORS)
+        where = f"stage {stage}" + (f" (model {model})" if model else "")
+        kind = "permanent" if self.permanent else "possibly transient"
+        super().__init__(f"{where} failed ({kind}): {type(error).__name__}: {error}")
+
+
+def _stale_reason(layout: RunLayout, manifest: dict, key_digest: str | None) -> str | None:
+    """Why a completed stage must run again (its settings or its inputs changed), or None."""
+    if key_digest is not None and manifest.get("stage_key") != key_digest:
+        return "its settings changed"
+    changed = layout.changed_inputs(manifest)
+    return f"inputs changed since it ran ({', '.join(changed)})" if changed else None
+
+
+def run_stage_outcome(
+    layout: RunLayout,
+    name: str,
+    run: Callable[[], dict],
+    *,
+    cfg: FusionConfig | None = None,
+    key: Any = None,
+    model: str | None = None,
+    reuse_from: Sequence[RunLayout] = (),
+) -> tuple[Outcome, dict]:
+    """Runs one stage unless it is done with the same settings and inputs: (outcome, summary).
+
+    A stage that ran before but whose inputs or settings (`key`) changed since runs again. A stage
+    not done here whose result another run in `reuse_from` holds (same key, same inputs) is copied
+    from it ("reused"). Failures raise StageError naming the stage and model.
     """
+    key_digest = None if key is None else digest(key)
     manifest = layout.read_manifest(name)
     if manifest is not None:
-        changed = layout.changed_inputs(manifest)
-        if not changed:
-            if cfg is not None and manifest.get("config_hash") not in (None, config_hash(cfg)):
-                logger.warning(
-                    "stage %s: done with another configuration (hash %s, now %s); remove %s to redo it",
-                    name, manifest.get("config_hash"), config_hash(cfg), layout.manifest_key(name),
-                )  # fmt: skip
+        reason = _stale_reason(layout, manifest, key_digest)
+        if reason is None:
             logger.info("stage %s: done before, skipped", name)
-            return manifest["summary"]
-        logger.info("stage %s: inputs changed since it ran (%s); running it again", name, ", ".join(changed))
+            return "skipped", manifest["summary"]
+        logger.info("stage %s: %s; running it again", name, reason)
+    for other in reuse_from:
+        summary = reuse_stage(layout, other, name, key_digest)
+        if summary is not None:
+            return "reused", summary
     logger.info("stage %s: running", name)
     layout.begin(name)
-    return mark_done(layout, name, run(), cfg=cfg)
+    try:
+        summary = run()
+        manifest = layout.commit(
+            name, summary, config_hash=config_hash(cfg) if cfg is not None else None, stage_key=key_digest
+        )
+    except StageError:
+        raise
+    except Exception as error:
+        raise StageError(name, model, error) from error
+    return "ran", manifest["summary"]
+
+
+def run_stage(layout: RunLayout, name: str, run: Callable[[], dict], **options: Any) -> dict:
+    """Runs one stage unless it is done with unchanged settings and inputs; returns its summary.
+
+    See `run_stage_outcome` for the options; the manifest is written last.
+    """
+    return run_stage_outcome(layout, name, run, **options)[1]
+
+
+def reuse_stage(layout: RunLayout, other: RunLayout, name: str, key_digest: str | None) -> dict | None:
+    """Copies stage `name` from another run when it is complete there with the same key and inputs.
+
+    The inputs are compared by their manifest entries (file keys, rows and sha256), so the copy is
+    exactly what running the stage here would read. Files are copied first and the manifest last.
+    Returns the stage's summary, or None when the other run has no such result.
+    """
+    if other.root == layout.root:
+        return None
+    manifest = other.read_manifest(name)
+    if manifest is None or manifest.get("models") or manifest.get("stage_key") != key_digest:
+        return None
+    if layout.changed_inputs(manifest):
+        return None
+    for entry in manifest["datasets"].values():
+        copy_files(other.storage, layout.storage, [f["key"] for f in entry["files"]])
+    manifest = {**manifest, "run": layout.storage.display(), "reused_from": other.storage.display()}
+    layout.storage.write_json(layout.manifest_key(name), manifest)
+    layout.index(refresh=True)
+    logger.info("stage %s: reused from %s", name, other.storage.display())
+    return manifest["summary"]
+
+
+def copy_files(source: Storage, target: Storage, keys: list[str]) -> None:
+    """Copies files between storages (server-side within one filesystem, else through this process)."""
+    same_fs = source.protocol == target.protocol and source.options == target.options
+    for key in keys:
+        if same_fs:
+            with target.guard("cannot copy to", key):
+                target.fs.makedirs(target.fs._parent(target.path(key)), exist_ok=True)
+                target.fs.copy(source.path(key), target.path(key))
+        else:
+            target.write_bytes(key, source.read_bytes(key))
+
+
+def sibling_runs(cfg: FusionConfig, layout: RunLayout) -> list[RunLayout]:
+    """The other runs under the config's storage URL with stage manifests: where results may be reused."""
+    base = Storage.open(cfg.storage.url, cfg.storage.storage_options)
+    with base.guard("cannot list runs under"):
+        found = base.fs.glob(base.path("*/manifests/*.json"))
+    runs = sorted({path.rstrip("/")[len(base.root) + 1 :].split("/")[0] for path in found})
+    return [
+        RunLayout(base.url_of(run), cfg.storage.storage_options, cache_dir=layout.cache_dir)
+        for run in runs
+        if base.url_of(run).rstrip("/") != layout.root.rstrip("/")
+    ]
 
 
 def _device(cfg: FusionConfig) -> str:
@@ -138,7 +258,7 @@ def _prompt_text(layout: RunLayout) -> dict[str, str]:
 def ingest(cfg: FusionConfig, layout: RunLayout) -> dict:
     """Reads the prompt source, collapses duplicates, stores PROMPTS."""
     table, report = load_prompts(
-        cfg.prompts.path, prompt_field=cfg.prompts.prompt_field, split=cfg.prompts.split
+        resolve_path(cfg.prompts.path), prompt_field=cfg.prompts.prompt_field, split=cfg.prompts.split
     )
     if cfg.prompts.limit is not None:
         table = table.slice(0, cfg.prompts.limit)
@@ -190,6 +310,11 @@ def _storage_for_workers(cfg: FusionConfig, layout: RunLayout) -> tuple[str, dic
     return layout.storage.url, dict(cfg.storage.storage_options)
 
 
+def _shard_tag(layout: RunLayout, settings: Any, input_keys: list[str]) -> str:
+    """A digest of what a Ray stage's shards depend on, so shards of changed settings are never reused."""
+    return digest([settings, *(digest(layout.entry(key)[1]) for key in input_keys)])[:10]
+
+
 def sample_on_ray(
     cfg: FusionConfig, spec: ModelSpec, layout: RunLayout, prompts_key: str, *, device: str
 ) -> dict:
@@ -198,9 +323,13 @@ def sample_on_ray(
 
     out_key = layout.samples(spec.name)
     prompts = layout.read_dataset(prompts_key, PROMPTS)
+    run_model = layout.model_key(spec.name)
+    own_model = run_model in layout.index()  # a model this run trained: its files identify it, not its path
+    settings = spec.model_dump(mode="json", exclude={"path"} if own_model else set())
+    tag = _shard_tag(layout, settings, [prompts_key, *([run_model] if own_model else [])])
     shards, results = fanout.sample_model(
         spec, prompts, _storage_for_workers(cfg, layout), out_key, cfg.compute,
-        shard_size=cfg.compute.shard_size, num_actors=cfg.compute.num_actors, device=device,
+        shard_size=cfg.compute.shard_size, num_actors=cfg.compute.num_actors, device=device, tag=tag,
     )  # fmt: skip
     entry = layout.register_dataset(out_key, SAMPLES, [s.out_key for s in shards])
     return {
@@ -219,9 +348,10 @@ def score_on_ray(cfg: FusionConfig, layout: RunLayout, model: str) -> dict:
     _, entry = layout.entry(layout.samples(model))
     sample_shards = [fanout.Shard(i, 0, 0, f["key"]) for i, f in enumerate(entry["files"])]
     out_key = layout.scores(model)
+    tag = _shard_tag(layout, cfg.reward_model.model_dump(mode="json"), [layout.samples(model)])
     shards, _ = fanout.score_model(
         cfg.reward_model, layout.read_dataset(layout.prompts, PROMPTS), _storage_for_workers(cfg, layout),
-        sample_shards, out_key, cfg.compute, num_actors=cfg.compute.num_actors,
+        sample_shards, out_key, cfg.compute, num_actors=cfg.compute.num_actors, tag=tag,
     )  # fmt: skip
     layout.register_dataset(out_key, SCORES, [s.out_key for s in shards])
     scores = layout.read_dataset(out_key, SCORES)
@@ -371,16 +501,53 @@ def _finish_model(
     return {"model": layout.storage.display(layout.model_key(name)), **metrics}
 
 
-def sft(cfg: FusionConfig, layout: RunLayout) -> dict:
-    """Target-SFT on (x, y_ws) of the SFT prompts; the model goes to `models/target-sft`."""
+def _fetch_model(uri: str, folder: Path) -> None:
+    """Copies a model a Ray job stored elsewhere (its storage path) into the stage's local folder."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    fs.get(path.rstrip("/") + "/", str(folder), recursive=True)
+
+
+def _train_job(
+    stage: Literal["sft", "wrpo"],
+    job: SFTJobConfig | WRPOJobConfig,
+    *,
+    on_log: LogCallback | None = None,
+    on_metrics: MetricsCallback | None = None,
+) -> dict[str, float]:
+    """Trains in this process, or as a torchrun / Ray Train job when the config has a `launch` section."""
+    if job.launch is None:
+        return train_sft(job) if stage == "sft" else train_wrpo(job)
+    result = launch_job(stage, job, on_log=on_log, on_metrics=on_metrics)
+    folder = Path(job.output_dir)
+    if result.model_uri and result.model_uri != job.output_dir and not (folder / "config.json").exists():
+        _fetch_model(result.model_uri, folder)
+    if result.metrics and not (folder / METRICS_FILE).exists():
+        (folder / METRICS_FILE).write_text("".join(json.dumps(row) + "\n" for row in result.metrics))
+    return {k: v for k, v in result.summary.items() if isinstance(v, int | float)}
+
+
+def sft(
+    cfg: FusionConfig,
+    layout: RunLayout,
+    *,
+    on_log: LogCallback | None = None,
+    on_metrics: MetricsCallback | None = None,
+) -> dict:
+    """Target-SFT on (x, y_ws) of the SFT prompts; the model goes to `models/target-sft`.
+
+    With `cfg.launch` the training runs as a job (torchrun or Ray Train) whose log lines and
+    per-step metrics reach `on_log` / `on_metrics`.
+    """
     pairs = _rows_of(layout, layout.read_dataset(layout.best_source, BEST_SOURCE), "sft")
     layout.write_dataset(layout.sft_pairs, pairs, BEST_SOURCE)
     job = SFTJobConfig(
-        model=cfg.target.path, data=layout.local_table_file(layout.sft_pairs, BEST_SOURCE),
+        model=resolve_path(cfg.target.path), data=layout.local_table_file(layout.sft_pairs, BEST_SOURCE),
         output_dir=str(layout.model_dir(TARGET_SFT)), trust_remote_code=cfg.target.trust_remote_code,
-        training=cfg.sft,
+        training=cfg.sft, launch=cfg.launch,
     )  # fmt: skip
-    metrics = train_sft(job)
+    metrics = _train_job("sft", job, on_log=on_log, on_metrics=on_metrics)
     return _finish_model(cfg, layout, TARGET_SFT, metrics, {"sft": job.training.model_dump(mode="json")})
 
 
@@ -408,33 +575,116 @@ def wrpo(
     name: str = "wrpo",
     training: WRPOConfig | None = None,
     data: str | None = None,
+    on_log: LogCallback | None = None,
+    on_metrics: MetricsCallback | None = None,
 ) -> dict:
     """WRPO training from Target-SFT (reference log-probs computed once, inside the job).
 
     `data` defaults to the run's quadruples; pass quadruples that already carry reference
     log-probs (e.g. another job's stored file) to skip the reference pass. The model goes to
-    `models/<name>` with its lineage card.
+    `models/<name>` with its lineage card. `cfg.launch`, `on_log`, `on_metrics`: see `sft`.
     """
     job = WRPOJobConfig(
         model=layout.model(TARGET_SFT), data=data or layout.local_table_file(layout.quadruples, QUADRUPLES),
         output_dir=str(layout.model_dir(name)), trust_remote_code=cfg.target.trust_remote_code,
-        training=training or cfg.wrpo,
+        training=training or cfg.wrpo, launch=cfg.launch,
     )  # fmt: skip
-    metrics = train_wrpo(job)
+    metrics = _train_job("wrpo", job, on_log=on_log, on_metrics=on_metrics)
     return _finish_model(cfg, layout, name, metrics, {"wrpo": job.training.model_dump(mode="json")})
 
 
 # --- runner --------------------------------------------------------------------------------------
 
 
-def pipeline_stages(cfg: FusionConfig, layout: RunLayout) -> list[tuple[str, Callable[[], dict]]]:
-    """The ordered (stage name, thunk) list of a whole fusion run."""
+def evaluate(cfg: FusionConfig, layout: RunLayout) -> dict:
+    """Held-out evaluation: greedy answers of the target, Target-SFT and the fused model, judged.
+
+    The judge (the run's reward model unless `evaluation.judge`) scores each answer; the fused
+    model's win rate against the target and Target-SFT counts ties as half. With the toy
+    verifier as judge, exact accuracy is reported too. Each model's answers are exported in
+    AlpacaEval's model-outputs format under `evaluation/alpaca_eval/<model>.json`.
+    """
+    from wrpo_core.evaluation import alpaca_eval_records, compare_models, greedy_answers
+
+    settings = cfg.evaluation
+    if settings.prompts is None:
+        raise ValueError("evaluation.prompts is not set: there are no held-out prompts to evaluate on")
+    table, _ = load_prompts(
+        resolve_path(settings.prompts.path),
+        prompt_field=settings.prompts.prompt_field,
+        split=settings.prompts.split,
+    )
+    if settings.prompts.limit is not None:
+        table = table.slice(0, settings.prompts.limit)
+    prompts = table["prompt"].to_pylist()
+    models = {
+        "target": resolve_path(cfg.target.path),
+        TARGET_SFT: layout.model(TARGET_SFT),
+        "wrpo": layout.model("wrpo"),
+    }
+    generated = {
+        name: greedy_answers(
+            path, prompts, max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size
+        )
+        for name, path in models.items()
+    }
+    answers = {name: g.answers for name, g in generated.items()}
+    skipped = len(next(iter(generated.values())).skipped)
+    judge = settings.judge or cfg.reward_model
+    exact = ["all"] * len(prompts) if judge.kind == "toy_verifier" else None
+    result = compare_models(
+        answers, prompts, load_scorer(judge, progress=False), candidate="wrpo", baselines=["target", TARGET_SFT],
+        skills=exact,
+    )  # fmt: skip
+    exports = {}
+    for name, outputs in answers.items():
+        key = f"evaluation/alpaca_eval/{name}.json"
+        generator = f"{cfg.run_name}/{name}"
+        layout.storage.write_json(key, alpaca_eval_records(prompts, outputs, generator))
+        exports[name] = layout.storage.display(key)
+    for row in result["models"].values():
+        row.pop("rewards", None)  # per-prompt rewards: in the exports' order; keep the manifest small
+    return {**result, "prompts": len(prompts), "prompts_skipped_empty": skipped, "judge": judge.path,
+            "alpaca_eval": exports}  # fmt: skip
+
+
+def register(cfg: FusionConfig, layout: RunLayout) -> dict:
+    """Records the fused model (where it is, its sources, its evaluation) in the storage's model log."""
+    from wrpo_core.registry import open_registry, record_fused_model
+
+    _, model = layout.entry(layout.model_key("wrpo"))
+    evaluation = layout.read_manifest("evaluate")
+    record = {
+        "run": layout.storage.display(),
+        "run_name": cfg.run_name,
+        "model": layout.storage.display(layout.model_key("wrpo")),
+        "model_files": len(model.get("files", [])),
+        "config_hash": config_hash(cfg),
+        "sources": [{"name": s.name, "path": s.path, "revision": s.revision} for s in cfg.sources],
+        "target": cfg.target.path,
+        "evaluation": None if evaluation is None else {
+            k: v for k, v in evaluation["summary"].items() if k in ("win_rates", "models", "prompts", "judge")
+        },
+    }  # fmt: skip
+    storage = open_registry(cfg.storage.url, cfg.storage.storage_options)
+    entry = record_fused_model(storage, record)
+    return {**entry, "registry": storage.display("registry/fused.json")}
+
+
+def pipeline_stages(
+    cfg: FusionConfig,
+    layout: RunLayout,
+    *,
+    on_log: LogCallback | None = None,
+    on_metrics: MetricsCallback | None = None,
+) -> list[Stage]:
+    """The ordered stages of a whole fusion run, each with its settings key and prerequisites.
+
+    `on_log` / `on_metrics` receive a launched training job's log lines and per-step metrics.
+    """
     device = _device(cfg)
-    stages: list[tuple[str, Callable[[], dict]]] = [
-        ("ingest", lambda: ingest(cfg, layout)),
-        ("split", lambda: split(cfg, layout)),
-    ]
     on_ray = cfg.compute.executor == "ray"
+    train_hooks = {"on_log": on_log, "on_metrics": on_metrics}
 
     def sample_stage(spec: ModelSpec, prompts_key: str) -> dict:
         if on_ray:
@@ -444,34 +694,69 @@ def pipeline_stages(cfg: FusionConfig, layout: RunLayout) -> list[tuple[str, Cal
     def score_stage(model: str) -> dict:
         return score_on_ray(cfg, layout, model) if on_ray else score(cfg, layout, model)
 
-    for spec in cfg.sources:
-        stages.append((f"sample-{spec.name}", lambda s=spec: sample_stage(s, layout.prompts)))
-        stages.append((f"score-{spec.name}", lambda s=spec: score_stage(s.name)))
-    stages += [
-        ("select-source", lambda: select_source(cfg, layout)),
-        ("sft", lambda: sft(cfg, layout)),
-        (
-            f"sample-{TARGET_SFT}",
-            lambda: sample_stage(target_sft_spec(cfg, layout), layout.split("preference")),
+    reward = cfg.reward_model.model_dump(mode="json")
+    target = cfg.target.model_dump(mode="json", exclude={"sampling", "name"})
+    result: list[Stage] = [
+        Stage("ingest", lambda: ingest(cfg, layout), cfg.prompts.model_dump(mode="json"), reusable=True),
+        Stage(
+            "split", lambda: split(cfg, layout), cfg.split.model_dump(mode="json"), ("ingest",), reusable=True
         ),
-        (f"score-{TARGET_SFT}", lambda: score_stage(TARGET_SFT)),
-        ("select-target", lambda: select_target(cfg, layout)),
-        ("wrpo", lambda: wrpo(cfg, layout)),
     ]
-    return stages
+    for spec in cfg.sources:
+        result += [
+            Stage(f"sample-{spec.name}", lambda s=spec: sample_stage(s, layout.prompts), spec.model_dump(mode="json"),
+                  ("ingest",), spec.name, reusable=True),
+            Stage(f"score-{spec.name}", lambda s=spec: score_stage(s.name), reward, (f"sample-{spec.name}",),
+                  spec.name, reusable=True),
+        ]  # fmt: skip
+    tsft = TARGET_SFT
+    result += [
+        Stage("select-source", lambda: select_source(cfg, layout), sorted(s.name for s in cfg.sources),
+              (*tuple(f"score-{s.name}" for s in cfg.sources), "split")),
+        Stage("sft", lambda: sft(cfg, layout, **train_hooks), {"target": target, "sft": cfg.sft.model_dump(mode="json")},
+              ("select-source",), cfg.target.name),
+        Stage(f"sample-{tsft}", lambda: sample_stage(target_sft_spec(cfg, layout), layout.split("preference")),
+              cfg.target.model_dump(mode="json", exclude={"path", "name"}), ("sft",), tsft),
+        Stage(f"score-{tsft}", lambda: score_stage(tsft), reward, (f"sample-{tsft}",), tsft),
+        Stage("select-target", lambda: select_target(cfg, layout), {}, (f"score-{tsft}",)),
+        Stage("wrpo", lambda: wrpo(cfg, layout, **train_hooks), cfg.wrpo.model_dump(mode="json"),
+              ("select-target",), tsft),
+    ]  # fmt: skip
+    last = "wrpo"
+    if cfg.evaluation.prompts is not None:
+        key = {"evaluation": cfg.evaluation.model_dump(mode="json"), "judge": reward, "target": target}
+        result.append(Stage("evaluate", lambda: evaluate(cfg, layout), key, ("wrpo",), "wrpo"))
+        last = "evaluate"
+    result.append(
+        Stage("register", lambda: register(cfg, layout), {"sources": [s.name for s in cfg.sources]}, (last,))
+    )
+    return result
 
 
 def run_pipeline(
-    cfg: FusionConfig, root: str | None = None, *, layout: RunLayout | None = None
+    cfg: FusionConfig, root: str | None = None, *, layout: RunLayout | None = None, reuse: bool = True
 ) -> dict[str, dict]:
     """Probes the storage, then runs every unfinished stage in order; returns each stage's summary.
 
     The run lives at `root` (a local path or URL) or `<storage.url>/<run_name>`; pass `layout`
-    instead to choose the cache folder or file sizes.
+    instead to choose the cache folder or file sizes. With `reuse`, samples and scores that
+    another run under the same storage URL made with the same settings and inputs are copied.
     """
     layout = layout or layout_for(cfg, root)
     layout.storage.check()
-    summaries = {name: run_stage(layout, name, run, cfg=cfg) for name, run in pipeline_stages(cfg, layout)}
+    others = sibling_runs(cfg, layout) if reuse else []
+    summaries = {
+        stage.name: run_stage(
+            layout,
+            stage.name,
+            stage.run,
+            cfg=cfg,
+            key=stage.key,
+            model=stage.model,
+            reuse_from=others if stage.reusable else (),
+        )
+        for stage in pipeline_stages(cfg, layout)
+    }
     for row in summaries["select-source"].get("per_model", []):
         logger.info(
             "source %s: %d samples, %d tokens, mean reward %.4f, y_ws share %.1f%%", row["model"],

@@ -713,7 +713,12 @@ class RunLayout:
         self._index = None
 
     def commit(
-        self, stage: str, summary: Mapping[str, Any], *, config_hash: str | None = None
+        self,
+        stage: str,
+        summary: Mapping[str, Any],
+        *,
+        config_hash: str | None = None,
+        stage_key: str | None = None,
     ) -> dict[str, Any]:
         """Writes the stage's manifest (LAST), then removes files of its datasets that it does not list."""
         manifest = {
@@ -722,6 +727,7 @@ class RunLayout:
             "run": self.storage.display(),
             "completed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "config_hash": config_hash,
+            "stage_key": stage_key,
             "code_version": code_version(),
             "datasets": self.record.datasets,
             "models": self.record.models,

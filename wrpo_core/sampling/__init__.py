@@ -17,9 +17,14 @@ __all__ = ["HFSampler", "SamplingReport", "load_sampler", "sample_seed"]
 def load_sampler(
     spec: ModelSpec, *, device: str = "cpu", batch_size: int = 32, progress: bool = True
 ) -> HFSampler | VLLMSampler:
-    """The sampler a model spec names: its backend ('hf' or 'vllm') with the model loaded."""
+    """The sampler a model spec names: its backend ('hf' or 'vllm') with the model loaded.
+
+    A `toy-world:` path is resolved to the toy model's local folder first (built once, cached).
+    """
+    from wrpo_core.toy.paths import resolve_path
     from wrpo_core.train.common import load_causal_lm, load_tokenizer
 
+    spec = spec.model_copy(update={"path": resolve_path(spec.path)})
     tokenizer = load_tokenizer(spec.path, trust_remote_code=spec.trust_remote_code)
     if spec.backend == "vllm":
         from wrpo_core.sampling.vllm import VLLMSampler, build_engine

@@ -1,0 +1,151 @@
+"""Re-fusion without Prefect: stage settings keys, reuse of another run's samples, the source
+registry, the `toy-world:` paths, and the evaluation and register stages."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from wrpo_core import registry, stages
+from wrpo_core.config import FusionConfig, ModelSpec
+from wrpo_core.schemas import SAMPLES
+from wrpo_core.toy.paths import parse_toy_path, resolve_path, toy_fusion_parameters
+
+
+def with_sources(cfg: FusionConfig, sources: list[ModelSpec]) -> FusionConfig:
+    return cfg.model_copy(update={"sources": sources})
+
+
+def test_an_added_source_reruns_selection_with_it_and_a_changed_source_resamples(fusion_config):
+    first = stages.run_pipeline(fusion_config)
+    layout = stages.layout_for(fusion_config)
+    sampled_at = layout.read_manifest("sample-src-a")["completed_at"]
+    extra = fusion_config.sources[0].model_copy(update={"name": "src-c"})
+    again = stages.run_pipeline(with_sources(fusion_config, [*fusion_config.sources, extra]))
+    # The new source is sampled and y_ws is selected again over all three sources...
+    assert sorted(row["model"] for row in again["select-source"]["per_model"]) == ["src-a", "src-b", "src-c"]
+    assert again["sample-src-a"] == first["sample-src-a"]  # ...while the old ones are not resampled
+    assert layout.read_manifest("sample-src-a")["completed_at"] == sampled_at
+
+    # Other sampling settings for src-a: its samples (and everything downstream) are redone.
+    sampling = fusion_config.sources[0].sampling.model_copy(update={"n": 2})
+    changed = fusion_config.sources[0].model_copy(update={"sampling": sampling})
+    third = stages.run_pipeline(with_sources(fusion_config, [changed, fusion_config.sources[1]]))
+    assert third["sample-src-a"]["samples"] == 24 and first["sample-src-a"]["samples"] == 48
+    assert third["sample-src-b"] == first["sample-src-b"]
+
+
+def test_a_new_run_reuses_the_samples_another_run_stored(fusion_config, monkeypatch):
+    stages.run_pipeline(fusion_config)
+    sampled = []
+    real_sample = stages.sample
+    monkeypatch.setattr(
+        stages, "sample", lambda spec, *a, **k: sampled.append(spec.name) or real_sample(spec, *a, **k)
+    )
+    extra = fusion_config.sources[0].model_copy(update={"name": "src-c"})
+    refusion = registry.with_registered_sources(fusion_config, [extra])
+    assert refusion.run_name.startswith("smoke-sources-") and len(refusion.sources) == 3
+
+    summaries = stages.run_pipeline(refusion)
+    assert sampled == ["src-c", stages.TARGET_SFT]  # the old sources' samples were copied, not sampled
+    new, old = stages.layout_for(refusion), stages.layout_for(fusion_config)
+    assert new.read_manifest("sample-src-a")["reused_from"] == old.storage.display()
+    same = [new.read_dataset(new.samples("src-a"), SAMPLES), old.read_dataset(old.samples("src-a"), SAMPLES)]
+    assert same[0].equals(same[1])
+    assert summaries["select-source"]["per_model"][2]["model"] == "src-c"
+    # The same registered sources resume the same run: nothing runs again.
+    monkeypatch.setattr(stages, "sample", lambda *a, **k: pytest.fail("sampled again"))
+    assert (
+        stages.run_pipeline(registry.with_registered_sources(fusion_config, [extra]))["register"]["run"]
+        == (summaries["register"]["run"])
+    )
+
+
+def test_the_source_registry_adds_lists_removes_and_names_errors(tmp_path, tiny_model_dir):
+    storage = registry.open_registry(str(tmp_path / "store"))
+    assert registry.read_sources(storage)["version"] == 0
+    spec = ModelSpec(path=tiny_model_dir, name="gemma")
+    assert registry.add_source(storage, spec)["version"] == 1
+    with pytest.raises(registry.RegistryError, match="'gemma' is already registered"):
+        registry.add_source(storage, spec)
+    assert (
+        registry.add_source(storage, spec.model_copy(update={"revision": "v2"}), replace=True)["version"] == 2
+    )
+    assert [s.revision for s in registry.registered_sources(storage)] == ["v2"]
+    with pytest.raises(registry.RegistryError, match="'qwen' is not registered"):
+        registry.remove_source(storage, "qwen")
+    document = registry.remove_source(storage, "gemma")
+    assert document["sources"] == [] and [h["action"] for h in document["history"]] == [
+        "add",
+        "replace",
+        "remove",
+    ]
+    (tmp_path / "store" / "registry" / "sources.json").write_text('{"sources": [{"path": 1}]}')
+    with pytest.raises(registry.RegistryError, match=r"registry/sources\.json: not a valid source registry"):
+        registry.read_sources(storage)
+
+
+def test_wrpo_sources_cli_round_trip(tmp_path, tiny_model_dir):
+    def wrpo(*args):
+        done = subprocess.run([sys.executable, "-m", "wrpo_core.cli", "sources", *args, "--storage", str(tmp_path)],
+                              capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})  # fmt: skip
+        return done.returncode, done.stdout, done.stderr
+
+    code, out, _ = wrpo("add", "extra", tiny_model_dir, "--n", "3")
+    assert code == 0, out
+    result = json.loads(out)
+    assert result["sources"] == ["extra"] and result["event"].startswith(
+        "not sent: PREFECT_API_URL is not set"
+    )
+    code, out, _ = wrpo("list")
+    assert json.loads(out)["sources"][0]["sampling"]["n"] == 3
+    code, _, err = wrpo("add", "extra", tiny_model_dir)
+    assert code == 2 and "already registered" in err
+    code, out, _ = wrpo("remove", "extra", "--event", "never")
+    assert code == 0 and json.loads(out)["event"] == "not sent (--event never)"
+
+
+def test_toy_world_paths_parse_resolve_and_make_a_valid_config(tmp_path):
+    assert parse_toy_path("toy-world:smallest/target") == ("smallest", "target")
+    with pytest.raises(ValueError, match="preset one of"):
+        parse_toy_path("toy-world:huge/target")
+    with pytest.raises(ValueError, match="unknown item 'nope'"):
+        parse_toy_path("toy-world:smallest/nope")
+    assert resolve_path("org/model") == "org/model"
+
+    def rows(path):
+        with open(resolve_path(path, tmp_path)) as handle:
+            return [json.loads(line) for line in handle]
+
+    train, held_out = rows("toy-world:smallest/prompts"), rows("toy-world:smallest/held-out")
+    assert len(train) == 24 and len(held_out) == 24
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in held_out}
+    cfg = FusionConfig.model_validate(toy_fusion_parameters("smallest"))
+    assert [s.path for s in cfg.sources] == [f"toy-world:smallest/{s.name}" for s in cfg.sources]
+    assert cfg.evaluation.prompts.path == "toy-world:smallest/held-out"
+
+
+def test_evaluation_judges_the_fused_model_and_exports_alpaca_eval(fusion_config, tmp_path):
+    held_out = tmp_path / "held-out.jsonl"
+    held_out.write_text(
+        "".join(json.dumps({"prompt": p}) + "\n" for p in ["reverse: abc", "reverse: xyz", "upper: hi"])
+    )
+    data = fusion_config.model_dump(mode="json")
+    cfg = FusionConfig.model_validate(
+        {**data, "evaluation": {"prompts": {"path": str(held_out)}, "max_new_tokens": 4}}
+    )
+    summaries = stages.run_pipeline(cfg)
+    evaluation = summaries["evaluate"]
+    assert evaluation["prompts"] == 3 and sorted(evaluation["win_rates"]) == ["target", "target-sft"]
+    for rates in evaluation["win_rates"].values():
+        assert rates["wins"] + rates["ties"] + rates["losses"] == 3
+        assert rates["win_rate"] == pytest.approx((rates["wins"] + 0.5 * rates["ties"]) / 3)
+    assert "accuracy" in evaluation["models"]["wrpo"]  # the toy verifier judges: exact accuracy too
+    export = json.loads(
+        (tmp_path / "runs" / "smoke" / "evaluation" / "alpaca_eval" / "wrpo.json").read_text()
+    )
+    assert [r["instruction"] for r in export] == ["reverse: abc", "reverse: xyz", "upper: hi"]
+    assert {r["generator"] for r in export} == {"smoke/wrpo"}
+    fused = registry.fused_models(registry.open_registry(cfg.storage.url))
+    assert fused[-1]["run"] == summaries["register"]["run"] and fused[-1]["evaluation"]["prompts"] == 3

@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: venv demo test test-fast lint format bench clean
+.PHONY: venv demo serve test test-fast lint format bench clean
 
 venv: $(STAMP)
 
@@ -25,8 +25,11 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
-demo: venv  ## the whole pipeline offline on the toy world (see README)
-	$(BIN)/wrpo demo --out runs/demo
+demo: venv  ## the whole pipeline offline on the toy world, through the Prefect flow (see README)
+	$(BIN)/python -m flows.demo --out runs/demo
+
+serve: venv  ## local Prefect server + process worker + the deployments (Ctrl-C stops them)
+	VENV_BIN=$(BIN) deployments/serve.sh
 
 test: venv  ## every test, unit and integration
 	$(BIN)/python -m pytest -q

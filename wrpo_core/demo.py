@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from wrpo_core import stages
@@ -33,13 +34,25 @@ def demo_settings(quick: bool) -> dict:
     """Sizes and hyper-parameters of the demo (quick: seconds-long smoke run, quality irrelevant)."""
     if quick:
         return {"world": WorldConfig.smallest(), "train_prompts": 24, "eval_prompts": 24, "n": 2, "max_new_tokens": 12,
-                "sft": {"num_train_epochs": 1, "max_steps": 2}, "wrpo": {"num_train_epochs": 1, "max_steps": 2}}  # fmt: skip
+                "sft": {"num_train_epochs": 1, "max_steps": 2, "logging_steps": 1},
+                "wrpo": {"num_train_epochs": 1, "max_steps": 2, "logging_steps": 1}}  # fmt: skip
     return {"world": WorldConfig(), "train_prompts": 1800, "eval_prompts": 600, "n": 4, "max_new_tokens": 16,
             "sft": {"num_train_epochs": 2}, "wrpo": {"num_train_epochs": 3}}  # fmt: skip
 
 
-def fusion_config(world, prompts_path: Path, out: Path, settings: dict) -> FusionConfig:
-    """The FusionConfig of a toy run: beta/lr scaled for tiny models (the paper's 0.01/3e-7 suit 8B)."""
+def fusion_config(
+    world,
+    prompts_path: Path,
+    out: Path,
+    settings: dict,
+    *,
+    held_out_path: Path | None = None,
+    executor: str = "inline",
+) -> FusionConfig:
+    """The FusionConfig of a toy run: beta/lr scaled for tiny models (the paper's 0.01/3e-7 suit 8B).
+
+    With `held_out_path` the pipeline's own evaluation stage runs too (win rates vs target and SFT).
+    """
     sampling = {
         "n": settings["n"],
         "temperature": 0.8,
@@ -74,6 +87,11 @@ def fusion_config(world, prompts_path: Path, out: Path, settings: dict) -> Fusio
                 **settings["wrpo"],
             },
             "storage": {"url": str(out)},
+            "compute": {"executor": executor},
+            "evaluation": {
+                "prompts": None if held_out_path is None else {"path": str(held_out_path)},
+                "max_new_tokens": settings["max_new_tokens"],
+            },
         }
     )
 
@@ -94,13 +112,30 @@ def toy_prompts(
     return train, held_out[:n_eval]
 
 
-def run_toy_fusion(out: Path, world, train: list[dict], settings: dict) -> tuple[dict[str, str], dict]:
+Runner = Callable[[FusionConfig], dict[str, dict]]
+"""Runs a fusion config's pipeline and returns each stage's summary (default: stages.run_pipeline)."""
+
+
+def run_toy_fusion(
+    out: Path,
+    world,
+    train: list[dict],
+    settings: dict,
+    *,
+    held_out: list[dict] | None = None,
+    executor: str = "inline",
+    runner: Runner = stages.run_pipeline,
+) -> tuple[dict[str, str], dict]:
     """Runs the production stages on the toy world plus the DPO baseline; returns model paths and summaries."""
     prompts_path = out / "prompts.jsonl"
     _write_prompts(prompts_path, train)
-    cfg = fusion_config(world, prompts_path, out, settings)
-    layout = stages.RunLayout(str(out / cfg.run_name))
-    summaries = stages.run_pipeline(cfg, root=layout.root)
+    held_out_path = None
+    if held_out is not None:
+        held_out_path = out / "held-out.jsonl"
+        _write_prompts(held_out_path, held_out)
+    cfg = fusion_config(world, prompts_path, out, settings, held_out_path=held_out_path, executor=executor)
+    layout = stages.layout_for(cfg)
+    summaries = runner(cfg)
     if not stages.is_done(layout, "dpo"):
         # DPO = WRPO at alpha 0, on the same quadruples and stored reference log-probs.
         dpo_training = cfg.wrpo.model_copy(update={"alpha": 0.0})
@@ -116,8 +151,19 @@ def run_toy_fusion(out: Path, world, train: list[dict], settings: dict) -> tuple
     return models, summaries
 
 
-def run_demo(out: str = "runs/demo", *, quick: bool = False, cache_dir: str | Path | None = None) -> dict:
-    """Runs the toy fusion end to end and writes the report; returns where it is and the overall numbers."""
+def run_demo(
+    out: str = "runs/demo",
+    *,
+    quick: bool = False,
+    cache_dir: str | Path | None = None,
+    executor: str = "inline",
+    runner: Runner = stages.run_pipeline,
+) -> dict:
+    """Runs the toy fusion end to end and writes the report; returns where it is and the overall numbers.
+
+    `runner` runs the pipeline (the Prefect flow passes itself, see flows/demo.py); `executor`
+    'ray' samples and scores on local Ray actors.
+    """
     started = time.perf_counter()
     out_path = Path(out)
     settings = demo_settings(quick)
@@ -126,7 +172,9 @@ def run_demo(out: str = "runs/demo", *, quick: bool = False, cache_dir: str | Pa
     train, held_out = toy_prompts(
         world_config, settings["train_prompts"], settings["eval_prompts"], seed=world_config.seed + 1000
     )
-    models, summaries = run_toy_fusion(out_path, world, train, settings)
+    models, summaries = run_toy_fusion(
+        out_path, world, train, settings, held_out=held_out, executor=executor, runner=runner
+    )
     prompts, skills = [r["prompt"] for r in held_out], [r["skill"] for r in held_out]
     scorer = ToyVerifierScorer()
     results = {

@@ -135,12 +135,14 @@ class ScoringWorker:
 
 
 _RAY_INIT = threading.Lock()
+_started_local_ray = False
 
 
 def init_ray(compute: ComputeConfig) -> None:
     """Connects to `compute.ray_address`, or starts a local Ray sized to this machine (thread-safe)."""
     import ray
 
+    global _started_local_ray
     with _RAY_INIT:  # stages of several models may start at once (the flow's task threads)
         if ray.is_initialized():
             return
@@ -149,6 +151,18 @@ def init_ray(compute: ComputeConfig) -> None:
             ray.init(address=compute.ray_address, ignore_reinit_error=True, log_to_driver=False)
         else:
             ray.init(include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+            _started_local_ray = True
+
+
+def shutdown_local_ray() -> None:
+    """Stops the local Ray that `init_ray` started (a cluster connection is left alone)."""
+    global _started_local_ray
+    with _RAY_INIT:
+        if _started_local_ray:
+            import ray
+
+            ray.shutdown()
+            _started_local_ray = False
 
 
 def actor_options(spec: ModelSpec | None, compute: ComputeConfig) -> dict[str, Any]:

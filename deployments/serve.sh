@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The local development stack: a Prefect server on loopback, the process work pool, the
+# deployments, and a worker in the foreground (Ctrl-C stops the worker and the server).
+#   make serve                        (or: deployments/serve.sh; port: PREFECT_PORT, default 4200)
+# Then open http://127.0.0.1:$PREFECT_PORT, or from another shell:
+#   export PREFECT_API_URL=http://127.0.0.1:4200/api
+#   prefect deployment run 'wrpo-fusion/default' --watch
+#   wrpo sources add my-model toy-world:demo/src-upper --n 4   # triggers 'wrpo-fusion/refusion'
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PORT="${PREFECT_PORT:-4200}"
+BIN="${VENV_BIN:-.venv/bin}"
+export PREFECT_API_URL="http://127.0.0.1:$PORT/api"
+export PREFECT_SERVER_ANALYTICS_ENABLED=false
+mkdir -p runs
+PREFECT_SERVER_API_HOST=127.0.0.1 PREFECT_SERVER_API_PORT="$PORT" \
+  setsid "$BIN/prefect" server start >runs/prefect-server.log 2>&1 &
+SERVER=$!
+trap 'kill -TERM -- "-$SERVER" 2>/dev/null || true' EXIT
+echo "Prefect server starting on http://127.0.0.1:$PORT (log: runs/prefect-server.log)"
+"$BIN/prefect" server status --wait --timeout 90 >/dev/null
+PREFECT="$BIN/prefect" deployments/deploy.sh
+echo "UI: http://127.0.0.1:$PORT   API: $PREFECT_API_URL"
+echo "Run:  PREFECT_API_URL=$PREFECT_API_URL $BIN/prefect deployment run 'wrpo-fusion/default' --watch"
+"$BIN/prefect" worker start --pool wrpo-process

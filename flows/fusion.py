@@ -1,0 +1,94 @@
+"""The WRPO fusion flow: every pipeline stage as a Prefect task run, then the run's artifacts.
+
+Run it from the Prefect UI or `prefect deployment run 'wrpo-fusion/default'` (deployments in
+deployments/prefect.yaml), or directly: `python -m flows.fusion --config fusion.yaml`.
+
+    ingest -> split -> sample sources -> score -> select y_ws -> SFT -> sample Target-SFT -> score
+    -> select y_wt / y_l -> WRPO (reference log-probs inside) -> evaluate -> register
+
+Stages pass storage URIs and small summaries, never data. A rerun of the same configuration
+resumes at the first unfinished stage (stage manifests in storage; see tasks/fusion.py). With
+`compute.executor: ray` the per-source sample and score stages run concurrently, each fanning
+out over Ray actors; inline, stages run one after another in the flow's process.
+"""
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from tasks.fusion import run_fusion_stage
+from tasks.report import publish_report
+from wrpo_core import stages
+from wrpo_core.config import FusionConfig, load_config
+from wrpo_core.fanout import shutdown_local_ray
+from wrpo_core.registry import open_registry, registered_sources, with_registered_sources
+
+
+def effective_config(config: FusionConfig, use_source_registry: bool) -> FusionConfig:
+    """The config to run: with the registry's sources added (as a run of its own) when asked."""
+    if not use_source_registry:
+        return config
+    registry = open_registry(config.storage.url, config.storage.storage_options)
+    return with_registered_sources(config, registered_sources(registry))
+
+
+@flow(name="wrpo-fusion", log_prints=True)
+def fusion(
+    config: FusionConfig, use_source_registry: bool = False, reuse_other_runs: bool = True
+) -> dict[str, Any]:
+    """Implicit model fusion with WRPO: fuses the source LLMs into the target model.
+
+    Args:
+        config: The fusion run: prompts, source models (with their sampling settings), target,
+            reward model, SFT and WRPO hyper-parameters (alpha, beta, ...), evaluation prompts,
+            storage URL (a local path or s3://...) and compute (inline or Ray).
+        use_source_registry: Also fuse the source models registered with `wrpo sources add` in
+            the storage's registry; the run is then named after the resulting source set.
+        reuse_other_runs: Copy samples and scores that another run under the same storage URL
+            made with the same settings and inputs instead of sampling again.
+    """
+    logger = get_run_logger()
+    cfg = effective_config(config, use_source_registry)
+    layout = stages.layout_for(cfg)
+    layout.storage.check()
+    logger.info("run %s at %s with sources %s", cfg.run_name, layout.storage.display(),
+                [s.name for s in cfg.sources])  # fmt: skip
+    plan = stages.pipeline_stages(cfg, layout)
+    concurrent = cfg.compute.executor == "ray"
+    futures: dict[str, Any] = {}
+    previous: list[Any] = []
+    for stage in plan:
+        after = [futures[name] for name in stage.after] if concurrent else previous
+        futures[stage.name] = run_fusion_stage.submit(cfg, stage.name, reuse_other_runs, wait_for=after)
+        previous = [futures[stage.name]]
+    try:
+        results = {name: future.result() for name, future in futures.items()}  # the first failure raises
+    finally:
+        shutdown_local_ray()  # a local Ray started for this run's actors; never a cluster
+    artifacts = publish_report(cfg, results)
+    register = results["register"]["summary"]
+    return {
+        "run": layout.storage.display(),
+        "model": register["model"],
+        "stages": {name: result["outcome"] for name, result in results.items()},
+        "evaluation": results.get("evaluate", {}).get("summary", {}).get("win_rates"),
+        "artifacts": artifacts,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m flows.fusion --config fusion.yaml [--registry]`: the flow without a deployment."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="FusionConfig YAML")
+    parser.add_argument("--registry", action="store_true", help="also fuse the registered sources")
+    args = parser.parse_args(argv)
+    result = fusion(load_config(args.config, FusionConfig), use_source_registry=args.registry)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

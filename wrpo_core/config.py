@@ -43,14 +43,18 @@ class ModelSpec(_Model):
 
     path: str = Field(description="Hub id (org/name) or local folder of a Hugging Face model.")
     name: str | None = Field(
-        default=None, description="Short name used in storage keys; defaults to the last part of `path`."
+        default=None, description="Short name used in storage keys; defaults to the last part of the path."
     )
     backend: Literal["hf", "vllm"] = "hf"
     revision: str | None = None
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     tensor_parallel_size: Annotated[int, Field(ge=1)] = 1
     trust_remote_code: bool = False
-    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    sampling: SamplingConfig = Field(
+        default_factory=SamplingConfig,
+        title="Sampling",
+        description="Responses per prompt, temperature, top-p, length.",
+    )
 
     @field_validator("path")
     @classmethod
@@ -260,17 +264,32 @@ class EvaluationConfig(_Model):
 class FusionConfig(_Model):
     """A whole fusion run: prompts, sources, target, reward model, split, SFT, WRPO, storage, compute."""
 
-    run_name: str = "fusion"
-    prompts: PromptsConfig
-    sources: list[ModelSpec] = Field(min_length=1)
-    target: ModelSpec
-    reward_model: RewardModelSpec
-    split: SplitConfig = Field(default_factory=SplitConfig)
-    sft: SFTConfig = Field(default_factory=SFTConfig)
-    wrpo: WRPOConfig = Field(default_factory=WRPOConfig)
-    storage: StorageConfig = Field(default_factory=StorageConfig)
-    compute: ComputeConfig = Field(default_factory=ComputeConfig)
-    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    run_name: str = Field(default="fusion", description="Name of the run's folder under storage.url.")
+    prompts: PromptsConfig = Field(
+        title="Prompts", description="The prompt set (split into SFT and preference)."
+    )
+    sources: list[ModelSpec] = Field(
+        min_length=1,
+        title="Source models",
+        description="The LLMs whose strengths are fused (10 in the paper).",
+    )
+    target: ModelSpec = Field(
+        title="Target model", description="The (smaller) model the sources are fused into."
+    )
+    reward_model: RewardModelSpec = Field(
+        title="Reward model",
+        description="Scores every sampled response (e.g. ArmoRM); picks y_ws, y_wt, y_l.",
+    )
+    split: SplitConfig = Field(default_factory=SplitConfig, title="Prompt split")
+    sft: SFTConfig = Field(default_factory=SFTConfig, title="SFT", description="Target-SFT on (x, y_ws).")
+    wrpo: WRPOConfig = Field(
+        default_factory=WRPOConfig,
+        title="WRPO",
+        description="Preference optimization: alpha, beta, schedule, loss.",
+    )
+    storage: StorageConfig = Field(default_factory=StorageConfig, title="Storage")
+    compute: ComputeConfig = Field(default_factory=ComputeConfig, title="Compute")
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, title="Evaluation")
     launch: LaunchConfig | None = Field(
         default=None,
         description="How SFT and WRPO train: torchrun or Ray Train jobs; None = in the stage's process.",

@@ -7,6 +7,7 @@ import pyarrow as pa
 import yaml
 
 from wrpo_core.cli import main
+from wrpo_core.config import FusionConfig, load_config
 from wrpo_core.formats import read_jsonl
 from wrpo_core.schemas import QUADRUPLES, write_parquet
 
@@ -38,6 +39,14 @@ def quadruples(path):
 def test_config_check(capsys):
     assert main(["config", "check", str(ROOT / "configs" / "paper.yaml")]) == 0
     assert json.loads(capsys.readouterr().out)["target"] == "Meta-Llama-3-8B-Instruct"
+
+
+def test_config_json_prints_the_validated_config_for_prefect_parameters(capsys):
+    assert main(["config", "json", str(ROOT / "configs" / "paper.yaml")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert FusionConfig.model_validate(printed) == load_config(
+        str(ROOT / "configs" / "paper.yaml"), FusionConfig
+    )
 
 
 def test_bad_config_exits_2_naming_the_field(tmp_path, capsys):

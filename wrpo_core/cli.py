@@ -4,6 +4,7 @@ wrpo train sft  --config sft-job.yaml     # Target-SFT on (x, y_ws)
 wrpo train wrpo --config wrpo-job.yaml    # WRPO on (x, y_ws, y_wt, y_l)
 wrpo reference  --config wrpo-job.yaml    # only store reference log-probs with the quadruples
 wrpo config check FILE                    # validate a fusion-run config
+wrpo config json FILE                     # ... and print it as JSON (prefect --param config=...)
 wrpo export --to authors|trl QUADRUPLES.parquet OUT.jsonl
 wrpo demo [--out DIR]                     # the whole pipeline offline on tiny models
 wrpo run --config fusion.yaml [--registry] # the fusion pipeline in this process (no Prefect)
@@ -54,6 +55,11 @@ def _reference(args: argparse.Namespace) -> dict:
 def _config_check(args: argparse.Namespace) -> dict:
     cfg = load_config(args.file, FusionConfig)
     return {"ok": True, "sources": [s.name for s in cfg.sources], "target": cfg.target.name}
+
+
+def _config_json(args: argparse.Namespace) -> None:
+    """Prints the validated config as one line of JSON (for `prefect deployment run --param config=...`)."""
+    print(load_config(args.file, FusionConfig).model_dump_json(exclude_defaults=True))
 
 
 def _export(args: argparse.Namespace) -> dict:
@@ -168,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     check = config_commands.add_parser("check", help="validate a fusion-run config")
     check.add_argument("file")
     check.set_defaults(handler=_config_check)
+    as_json = config_commands.add_parser("json", help="print a fusion-run config as JSON (validated)")
+    as_json.add_argument("file")
+    as_json.set_defaults(handler=_config_json)
 
     export = commands.add_parser("export", help="export quadruples to the authors' or TRL's JSONL format")
     export.add_argument("--to", choices=["authors", "trl"], required=True)
@@ -231,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     ) as error:  # a launched job failed; its own output was streamed above
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(json.dumps(result, indent=2, default=str))
+    if result is not None:
+        print(json.dumps(result, indent=2, default=str))
     return 0
 
 

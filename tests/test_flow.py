@@ -1,0 +1,54 @@
+"""The fusion flow in this process on Prefect's temporary local API: retries and failure messages."""
+
+import os
+
+import pytest
+
+pytest.importorskip("prefect")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+import flows.fusion
+from tasks.fusion import run_fusion_stage
+from wrpo_core import stages
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture()
+def no_retry_delay(monkeypatch):
+    monkeypatch.setattr(
+        flows.fusion, "run_fusion_stage", run_fusion_stage.with_options(retry_delay_seconds=0)
+    )
+
+
+def test_a_transient_failure_is_retried_and_the_run_completes(fusion_config, monkeypatch, no_retry_delay):
+    calls = []
+    real_split = stages.split
+
+    def flaky_split(cfg, layout):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ConnectionResetError("storage endpoint dropped the connection")
+        return real_split(cfg, layout)
+
+    monkeypatch.setattr(stages, "split", flaky_split)
+    result = flows.fusion.fusion(fusion_config)
+    assert len(calls) == 2 and result["stages"]["split"] == "ran"
+    assert result["model"].endswith("smoke/models/wrpo")
+
+
+def test_a_permanent_failure_is_not_retried_and_names_stage_and_model(
+    fusion_config, monkeypatch, no_retry_delay
+):
+    calls = []
+
+    def broken_sample(spec, *args, **kwargs):
+        calls.append(spec.name)
+        raise FileNotFoundError(f"{spec.path}/config.json: no such model")
+
+    monkeypatch.setattr(stages, "sample", broken_sample)
+    state = flows.fusion.fusion(fusion_config, return_state=True)
+    assert state.is_failed()
+    assert calls == ["src-a"]  # not retried, and nothing after it ran
+    message = state.message + str(state.result(raise_on_failure=False))
+    assert "stage sample-src-a (model src-a) failed (permanent)" in message

@@ -22,22 +22,12 @@ from wrpo_core.config import FusionConfig
 from wrpo_core.evaluation import evaluate_model
 from wrpo_core.reference import REFERENCE_FILE
 from wrpo_core.rewards import ToyVerifierScorer
-from wrpo_core.toy.skills import make_prompts
-from wrpo_core.toy.world import WorldConfig, build_world
+from wrpo_core.toy.paths import demo_settings, toy_config_data, toy_prompts
+from wrpo_core.toy.world import build_world
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CACHE = Path(os.environ.get("WRPO_CACHE", Path.home() / ".cache" / "wrpo-fusion")) / "toy-world"
-
-
-def demo_settings(quick: bool) -> dict:
-    """Sizes and hyper-parameters of the demo (quick: seconds-long smoke run, quality irrelevant)."""
-    if quick:
-        return {"world": WorldConfig.smallest(), "train_prompts": 24, "eval_prompts": 24, "n": 2, "max_new_tokens": 12,
-                "sft": {"num_train_epochs": 1, "max_steps": 2, "logging_steps": 1},
-                "wrpo": {"num_train_epochs": 1, "max_steps": 2, "logging_steps": 1}}  # fmt: skip
-    return {"world": WorldConfig(), "train_prompts": 1800, "eval_prompts": 600, "n": 4, "max_new_tokens": 16,
-            "sft": {"num_train_epochs": 2}, "wrpo": {"num_train_epochs": 3}}  # fmt: skip
 
 
 def fusion_config(
@@ -49,67 +39,18 @@ def fusion_config(
     held_out_path: Path | None = None,
     executor: str = "inline",
 ) -> FusionConfig:
-    """The FusionConfig of a toy run: beta/lr scaled for tiny models (the paper's 0.01/3e-7 suit 8B).
-
-    With `held_out_path` the pipeline's own evaluation stage runs too (win rates vs target and SFT).
-    """
-    sampling = {
-        "n": settings["n"],
-        "temperature": 0.8,
-        "top_p": 0.95,
-        "max_new_tokens": settings["max_new_tokens"],
-    }
-    common = {"per_device_train_batch_size": 32, "gradient_accumulation_steps": 1, "gradient_checkpointing": False,
-              "bf16": False, "logging_steps": 10, "save_steps": 10_000, "warmup_ratio": 0.1}  # fmt: skip
-    return FusionConfig.model_validate(
-        {
-            "run_name": "toy",
-            "prompts": {"path": str(prompts_path)},
-            "sources": [
-                {"path": path, "name": name, "sampling": sampling} for name, path in world.sources.items()
-            ],
-            "target": {"path": world.target, "name": "target", "sampling": {**sampling, "temperature": 1.0}},
-            "reward_model": {"path": "toy-verifier", "kind": "toy_verifier"},
-            "sft": {
-                **common,
-                "learning_rate": 3e-4,
-                "max_seq_length": 96,
-                "max_prompt_length": 64,
-                **settings["sft"],
-            },
-            "wrpo": {
-                **common,
-                "learning_rate": 1e-4,
-                "beta": 1.0,
-                "alpha": 0.5,
-                "max_length": 96,
-                "max_prompt_length": 64,
-                **settings["wrpo"],
-            },
-            "storage": {"url": str(out)},
-            "compute": {"executor": executor},
-            "evaluation": {
-                "prompts": None if held_out_path is None else {"path": str(held_out_path)},
-                "max_new_tokens": settings["max_new_tokens"],
-            },
-        }
-    )
+    """The FusionConfig of a toy run on a built `world` (see `toy.paths.toy_config_data`)."""
+    data = toy_config_data(
+        sources=dict(world.sources), target=world.target, prompts=str(prompts_path),
+        held_out=None if held_out_path is None else str(held_out_path), storage_url=str(out),
+        settings=settings, run_name="toy", executor=executor,
+    )  # fmt: skip
+    return FusionConfig.model_validate(data)
 
 
 def _write_prompts(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in rows))
-
-
-def toy_prompts(
-    world_config: WorldConfig, n_train: int, n_eval: int, *, seed: int
-) -> tuple[list[dict], list[dict]]:
-    """Training prompts and disjoint held-out prompts over the sources' skills, deterministic by seed."""
-    skills = sorted({s for names in world_config.sources.values() for s in names})
-    train = make_prompts(skills, n_train, seed=seed)
-    seen = {r["prompt"] for r in train}
-    held_out = [r for r in make_prompts(skills, n_eval + n_train, seed=seed + 1) if r["prompt"] not in seen]
-    return train, held_out[:n_eval]
 
 
 Runner = Callable[[FusionConfig], dict[str, dict]]

@@ -24,12 +24,73 @@ TOY_PREFIX = "toy-world:"
 PROMPT_ITEMS = ("prompts", "held-out")
 
 
-def _presets() -> dict[str, dict[str, Any]]:
+def demo_settings(quick: bool) -> dict[str, Any]:
+    """Sizes and hyper-parameters of the toy runs (quick: seconds-long smoke run, quality irrelevant)."""
     from wrpo_core.toy.world import WorldConfig
 
+    if quick:
+        return {"world": WorldConfig.smallest(), "train_prompts": 24, "eval_prompts": 24, "n": 2, "max_new_tokens": 12,
+                "sft": {"num_train_epochs": 1, "max_steps": 2, "logging_steps": 1},
+                "wrpo": {"num_train_epochs": 1, "max_steps": 2, "logging_steps": 1}}  # fmt: skip
+    return {"world": WorldConfig(), "train_prompts": 1800, "eval_prompts": 600, "n": 4, "max_new_tokens": 16,
+            "sft": {"num_train_epochs": 2}, "wrpo": {"num_train_epochs": 3}}  # fmt: skip
+
+
+def _presets() -> dict[str, dict[str, Any]]:
+    return {"demo": demo_settings(quick=False), "smallest": demo_settings(quick=True)}
+
+
+def toy_config_data(
+    *,
+    sources: dict[str, str],
+    target: str,
+    prompts: str,
+    held_out: str | None,
+    storage_url: str,
+    settings: dict[str, Any],
+    run_name: str,
+    executor: str = "inline",
+) -> dict[str, Any]:
+    """A fusion config (plain data) of a toy run: beta/lr scaled for tiny models (the paper's 0.01/3e-7 suit 8B).
+
+    With `held_out` the pipeline's evaluation stage runs too (win rates vs target and Target-SFT).
+    """
+    sampling = {
+        "n": settings["n"],
+        "temperature": 0.8,
+        "top_p": 0.95,
+        "max_new_tokens": settings["max_new_tokens"],
+    }
+    common = {"per_device_train_batch_size": 32, "gradient_accumulation_steps": 1, "gradient_checkpointing": False,
+              "bf16": False, "logging_steps": 10, "save_steps": 10_000, "warmup_ratio": 0.1}  # fmt: skip
     return {
-        "demo": {"world": WorldConfig(), "train_prompts": 1800, "eval_prompts": 600},
-        "smallest": {"world": WorldConfig.smallest(), "train_prompts": 24, "eval_prompts": 24},
+        "run_name": run_name,
+        "prompts": {"path": prompts},
+        "sources": [{"path": path, "name": name, "sampling": sampling} for name, path in sources.items()],
+        "target": {"path": target, "name": "target", "sampling": {**sampling, "temperature": 1.0}},
+        "reward_model": {"path": "toy-verifier", "kind": "toy_verifier"},
+        "sft": {
+            **common,
+            "learning_rate": 3e-4,
+            "max_seq_length": 96,
+            "max_prompt_length": 64,
+            **settings["sft"],
+        },
+        "wrpo": {
+            **common,
+            "learning_rate": 1e-4,
+            "beta": 1.0,
+            "alpha": 0.5,
+            "max_length": 96,
+            "max_prompt_length": 64,
+            **settings["wrpo"],
+        },
+        "evaluation": {
+            "prompts": None if held_out is None else {"path": held_out},
+            "max_new_tokens": settings["max_new_tokens"],
+        },
+        "storage": {"url": storage_url},
+        "compute": {"executor": executor},
     }
 
 
@@ -55,22 +116,22 @@ def parse_toy_path(path: str) -> tuple[str, str]:
     return preset, item
 
 
-def toy_prompt_rows(preset: str) -> tuple[list[dict], list[dict]]:
-    """The preset's training prompts and disjoint held-out prompts (rows with prompt, answer, skill)."""
+def toy_prompts(world_config: Any, n_train: int, n_eval: int, *, seed: int) -> tuple[list[dict], list[dict]]:
+    """Training prompts and disjoint held-out prompts over the sources' skills, deterministic by seed."""
     from wrpo_core.toy.skills import make_prompts
 
-    settings = _presets()[preset]
-    world_config = settings["world"]
     skills = sorted({s for names in world_config.sources.values() for s in names})
-    seed = world_config.seed + 1000
-    train = make_prompts(skills, settings["train_prompts"], seed=seed)
+    train = make_prompts(skills, n_train, seed=seed)
     seen = {r["prompt"] for r in train}
-    held_out = [
-        r
-        for r in make_prompts(skills, settings["eval_prompts"] + settings["train_prompts"], seed=seed + 1)
-        if r["prompt"] not in seen
-    ]
-    return train, held_out[: settings["eval_prompts"]]
+    held_out = [r for r in make_prompts(skills, n_eval + n_train, seed=seed + 1) if r["prompt"] not in seen]
+    return train, held_out[:n_eval]
+
+
+def toy_prompt_rows(preset: str) -> tuple[list[dict], list[dict]]:
+    """The preset's training and held-out prompts (rows with prompt, answer, skill): the demo's."""
+    settings = _presets()[preset]
+    world = settings["world"]
+    return toy_prompts(world, settings["train_prompts"], settings["eval_prompts"], seed=world.seed + 1000)
 
 
 def _write_once(path: Path, rows: list[dict]) -> None:
@@ -100,54 +161,17 @@ def resolve_path(path: str, cache_dir: str | os.PathLike[str] | None = None) -> 
 
 
 def toy_fusion_parameters(preset: str = "demo") -> dict[str, Any]:
-    """A complete fusion config (as plain data) on the preset's toy world: the deployment's default.
+    """A complete fusion config (plain data) on the preset's toy world: the deployment's default.
 
-    Hyper-parameters are the demo's (beta and learning rates scaled for tiny models); the reward
-    model is the exact verifier. Plain data, so it can be written into prefect.yaml or a YAML file.
+    Every model and prompt file is a `toy-world:` path, so the config is valid on any machine.
     """
     settings = _presets()[preset]
-    quick = preset == "smallest"
-    sampling = {
-        "n": 2 if quick else 4,
-        "temperature": 0.8,
-        "top_p": 0.95,
-        "max_new_tokens": 12 if quick else 16,
-    }
-    common = {"per_device_train_batch_size": 32, "gradient_accumulation_steps": 1, "gradient_checkpointing": False,
-              "bf16": False, "logging_steps": 1 if quick else 10, "save_steps": 10_000, "warmup_ratio": 0.1}  # fmt: skip
-    steps = {"num_train_epochs": 1, "max_steps": 2} if quick else {}
-    return {
-        "run_name": f"toy-{preset}",
-        "prompts": {"path": f"{TOY_PREFIX}{preset}/prompts"},
-        "sources": [
-            {"path": f"{TOY_PREFIX}{preset}/{name}", "name": name, "sampling": sampling}
-            for name in settings["world"].sources
-        ],
-        "target": {
-            "path": f"{TOY_PREFIX}{preset}/target",
-            "name": "target",
-            "sampling": {**sampling, "temperature": 1.0},
-        },
-        "reward_model": {"path": "toy-verifier", "kind": "toy_verifier"},
-        "sft": {
-            **common,
-            "learning_rate": 3e-4,
-            "max_seq_length": 96,
-            "max_prompt_length": 64,
-            **({"num_train_epochs": 2} | steps),
-        },
-        "wrpo": {
-            **common,
-            "learning_rate": 1e-4,
-            "beta": 1.0,
-            "alpha": 0.5,
-            "max_length": 96,
-            "max_prompt_length": 64,
-            **({"num_train_epochs": 3} | steps),
-        },
-        "evaluation": {
-            "prompts": {"path": f"{TOY_PREFIX}{preset}/held-out"},
-            "max_new_tokens": sampling["max_new_tokens"],
-        },
-        "storage": {"url": "./runs"},
-    }
+    return toy_config_data(
+        sources={name: f"{TOY_PREFIX}{preset}/{name}" for name in settings["world"].sources},
+        target=f"{TOY_PREFIX}{preset}/target",
+        prompts=f"{TOY_PREFIX}{preset}/prompts",
+        held_out=f"{TOY_PREFIX}{preset}/held-out",
+        storage_url="./runs",
+        settings=settings,
+        run_name=f"toy-{preset}",
+    )

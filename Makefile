@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 demo: venv  ## the whole pipeline offline on the toy world, through the Prefect flow (see README)
 	$(BIN)/python -m flows.demo --out runs/demo
 
-serve: venv  ## local Prefect server + process worker + the deployments (Ctrl-C stops them)
+serve: venv  ## local Prefect server + process worker + the deployments (Ctrl-C twice stops them)
 	VENV_BIN=$(BIN) deployments/serve.sh
 
 test: venv  ## every test, unit and integration

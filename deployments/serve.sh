@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The local development stack: a Prefect server on loopback, the process work pool, the
-# deployments, and a worker in the foreground (Ctrl-C stops the worker and the server).
+# deployments, and a worker in the foreground. Ctrl-C twice stops them (Prefect's worker
+# only asks its flow runs to stop on the first SIGINT; the second kills it), then the server.
 #   make serve                        (or: deployments/serve.sh; port: PREFECT_PORT, default 4200)
 # Then open http://127.0.0.1:$PREFECT_PORT, or from another shell:
 #   export PREFECT_API_URL=http://127.0.0.1:4200/api

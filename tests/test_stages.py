@@ -175,9 +175,10 @@ def test_s3_server_killed_during_a_stage_then_rerun_completes_with_every_row_onc
             return entry
 
         monkeypatch.setattr(type(layout.storage), "write_table", write_then_crash)
-        with pytest.raises(StorageError) as error:
+        with pytest.raises(stages.StageError, match=r"stage sample-src-a \(model src-a\) failed") as error:
             stages.run_pipeline(cfg, layout=layout)
-        message = str(error.value)
+        assert isinstance(error.value.__cause__, StorageError) and not error.value.permanent
+        message = str(error.value.__cause__)
         assert re.search(r"^cannot write s3://wrpo/crash/smoke/samples/src-a/part-0000\d\.parquet: ", message)
         assert "cannot reach" in message and server.secret_key not in message
 
@@ -203,7 +204,7 @@ def test_pipeline_fanned_out_on_ray_matches_inline_and_adds_one_source_increment
     compute = fusion_config.compute.model_copy(update={"executor": "ray", "shard_size": 5, "num_actors": 2})
     on_ray_cfg = fusion_config.model_copy(update={"run_name": "ray", "compute": compute})
     try:
-        on_ray = stages.run_pipeline(on_ray_cfg)
+        on_ray = stages.run_pipeline(on_ray_cfg, reuse=False)  # sample on Ray, not copy the inline run's
         layout = stages.layout_for(on_ray_cfg)
         inline_layout = stages.layout_for(fusion_config.model_copy(update={"run_name": "inline"}))
         assert on_ray["sample-src-a"]["shards"] == 3  # 12 prompts in shards of 5
@@ -217,7 +218,7 @@ def test_pipeline_fanned_out_on_ray_matches_inline_and_adds_one_source_increment
 
         # Register a third source: only it is sampled and scored; stored samples are reused.
         sources = [*on_ray_cfg.sources, on_ray_cfg.sources[0].model_copy(update={"name": "src-c"})]
-        again = stages.run_pipeline(on_ray_cfg.model_copy(update={"sources": sources}))
+        again = stages.run_pipeline(on_ray_cfg.model_copy(update={"sources": sources}), reuse=False)
         assert again["sample-src-c"]["shards_run_now"] == 3
         assert again["sample-src-a"] == on_ray["sample-src-a"]  # not rerun
     finally:

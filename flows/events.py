@@ -21,9 +21,19 @@ def registry_resource_id(registry: str) -> str:
 
 
 def emit_registry_event(action: str, name: str, path: str, registry: str, version: int) -> Any:
-    """Sends `wrpo.source.<action>` to the Prefect API; returns the Event, or raises if none was sent."""
-    from prefect.events import emit_event
+    """Sends `wrpo.source.<action>` to the Prefect API and waits until it is sent; returns the Event.
 
+    Raises RuntimeError when the API does not answer or the event could not be sent. The payload
+    holds the registry's display URL (secrets redacted), never storage options.
+    """
+    from prefect import get_client
+    from prefect.events import emit_event
+    from prefect.events.worker import EventsWorker
+
+    with get_client(sync_client=True) as client:
+        problem = client.api_healthcheck()
+    if problem is not None:
+        raise RuntimeError(f"the Prefect API does not answer: {problem}")
     event = emit_event(
         f"wrpo.source.{action}",
         resource={"prefect.resource.id": registry_resource_id(registry), "prefect.resource.name": registry},
@@ -31,4 +41,5 @@ def emit_registry_event(action: str, name: str, path: str, registry: str, versio
     )
     if event is None:
         raise RuntimeError("Prefect did not send the event (no API configured, or events are disabled)")
+    EventsWorker.drain_all()  # send it before a short-lived process exits
     return event

@@ -18,6 +18,7 @@ import sys
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.futures import wait
 
 from tasks.fusion import run_fusion_stage
 from tasks.report import publish_report
@@ -25,6 +26,18 @@ from wrpo_core import stages
 from wrpo_core.config import FusionConfig, load_config
 from wrpo_core.fanout import shutdown_local_ray
 from wrpo_core.registry import open_registry, registered_sources, with_registered_sources
+from wrpo_core.storage import is_secret_option
+
+
+def check_no_secrets(config: FusionConfig) -> None:
+    """Refuses secrets in storage options: flow parameters are stored by the Prefect server and shown in the UI."""
+    secrets = sorted(name for name in config.storage.storage_options if is_secret_option(name))
+    if secrets:
+        raise ValueError(
+            f"storage.storage_options holds secrets ({', '.join(secrets)}); flow parameters are stored and "
+            "shown by Prefect: give the worker AWS_* environment variables or use "
+            "storage_options: {prefect_block: <block name>} instead"
+        )
 
 
 def effective_config(config: FusionConfig, use_source_registry: bool) -> FusionConfig:
@@ -37,7 +50,10 @@ def effective_config(config: FusionConfig, use_source_registry: bool) -> FusionC
 
 @flow(name="wrpo-fusion", log_prints=True)
 def fusion(
-    config: FusionConfig, use_source_registry: bool = False, reuse_other_runs: bool = True
+    config: FusionConfig,
+    use_source_registry: bool = False,
+    reuse_other_runs: bool = True,
+    triggered_by_registry: str | None = None,
 ) -> dict[str, Any]:
     """Implicit model fusion with WRPO: fuses the source LLMs into the target model.
 
@@ -49,8 +65,17 @@ def fusion(
             the storage's registry; the run is then named after the resulting source set.
         reuse_other_runs: Copy samples and scores that another run under the same storage URL
             made with the same settings and inputs instead of sampling again.
+        triggered_by_registry: Set by the re-fusion trigger: the registry whose change started
+            the run. An event from another registry than this config's does nothing.
     """
     logger = get_run_logger()
+    check_no_secrets(config)
+    if triggered_by_registry is not None:
+        own = open_registry(config.storage.url, config.storage.storage_options).display()
+        if triggered_by_registry != own:
+            logger.warning("event from registry %s, but this deployment fuses with %s: nothing to do",
+                           triggered_by_registry, own)  # fmt: skip
+            return {"run": None, "skipped": f"registry {triggered_by_registry} is not {own}"}
     cfg = effective_config(config, use_source_registry)
     layout = stages.layout_for(cfg)
     layout.storage.check()
@@ -65,6 +90,7 @@ def fusion(
         futures[stage.name] = run_fusion_stage.submit(cfg, stage.name, reuse_other_runs, wait_for=after)
         previous = [futures[stage.name]]
     try:
+        wait(list(futures.values()))  # every stage settles (a failure does not cut the others short)
         results = {name: future.result() for name, future in futures.items()}  # the first failure raises
     finally:
         shutdown_local_ray()  # a local Ray started for this run's actors; never a cluster

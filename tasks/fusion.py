@@ -73,17 +73,12 @@ def run_fusion_stage(config: FusionConfig, stage: str, reuse_other_runs: bool = 
     logger = get_run_logger()
     layout = stages.layout_for(config)
     on_metrics = lambda row: logger.info("metrics %s", row)  # noqa: E731
-    plan = {
-        s.name: s for s in stages.pipeline_stages(config, layout, on_log=logger.info, on_metrics=on_metrics)
-    }
-    step = plan[stage]
-    reuse = stages.sibling_runs(config, layout) if reuse_other_runs and step.reusable else []
+    plan = stages.pipeline_stages(config, layout, on_log=logger.info, on_metrics=on_metrics)
+    step = next(s for s in plan if s.name == stage)
     trains_here = stage in ("sft", "wrpo") and config.launch is None
     folder = layout.model_dir(stages.TARGET_SFT if stage == "sft" else "wrpo")
     with streamed_metrics(folder, logger) if trains_here else contextlib.nullcontext():
-        outcome, summary = stages.run_stage_outcome(
-            layout, step.name, step.run, cfg=config, key=step.key, model=step.model, reuse_from=reuse
-        )
+        outcome, summary = stages.run_pipeline_stage(config, layout, step, reuse=reuse_other_runs)
     logger.info("stage %s: %s", stage, outcome)
     return {"stage": stage, "outcome": outcome, "summary": summary, "manifest": layout.storage.display(
         layout.manifest_key(stage))}  # fmt: skip

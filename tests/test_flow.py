@@ -52,3 +52,18 @@ def test_a_permanent_failure_is_not_retried_and_names_stage_and_model(
     assert calls == ["src-a"]  # not retried, and nothing after it ran
     message = state.message + str(state.result(raise_on_failure=False))
     assert "stage sample-src-a (model src-a) failed (permanent)" in message
+
+
+def test_secrets_in_storage_options_are_refused_before_anything_runs(fusion_config):
+    data = fusion_config.model_dump(mode="json")
+    data["storage"]["storage_options"] = {"secret": "s3cr3t", "endpoint_url": "http://127.0.0.1:1"}
+    with pytest.raises(ValueError, match=r"storage_options holds secrets \(secret\)"):
+        flows.fusion.check_no_secrets(type(fusion_config).model_validate(data))
+
+
+def test_an_event_from_another_registry_does_nothing(fusion_config, tmp_path):
+    result = flows.fusion.fusion(
+        fusion_config, use_source_registry=True, triggered_by_registry=str(tmp_path / "other")
+    )
+    assert result["run"] is None and "is not" in result["skipped"]
+    assert not (tmp_path / "runs").exists()  # no run folder was created

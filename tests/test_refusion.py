@@ -33,7 +33,27 @@ def test_an_added_source_reruns_selection_with_it_and_a_changed_source_resamples
     changed = fusion_config.sources[0].model_copy(update={"sampling": sampling})
     third = stages.run_pipeline(with_sources(fusion_config, [changed, fusion_config.sources[1]]))
     assert third["sample-src-a"]["samples"] == 24 and first["sample-src-a"]["samples"] == 48
+    assert third["score-src-a"]["scored"] == 24  # its scores followed
     assert third["sample-src-b"] == first["sample-src-b"]
+    assert third["register"]["config_hash"] != first["register"]["config_hash"]  # the new model is registered
+
+    # WRPO retrained with the same settings (its manifest lost): the new model is registered again.
+    registered = layout.read_manifest("register")["inputs"]["models/wrpo"]
+    (layout.storage.local_path("manifests") / "wrpo.json").unlink()
+    stages.run_pipeline(with_sources(fusion_config, [changed, fusion_config.sources[1]]))
+    assert layout.read_manifest("register")["inputs"]["models/wrpo"] != registered
+
+
+def test_manifests_from_before_settings_keys_count_as_current_only_for_the_same_config(fusion_config):
+    first = stages.run_pipeline(fusion_config)
+    layout = stages.layout_for(fusion_config)
+    for path in layout.storage.local_path("manifests").glob("*.json"):  # as written by an older version
+        manifest = json.loads(path.read_text())
+        path.write_text(json.dumps({k: v for k, v in manifest.items() if k != "stage_key"}))
+    assert stages.run_pipeline(fusion_config) == first  # nothing ran again
+    changed = fusion_config.model_copy(update={"wrpo": fusion_config.wrpo.model_copy(update={"beta": 0.5})})
+    again = stages.run_pipeline(changed)
+    assert again["wrpo"] != first["wrpo"] and layout.read_manifest("ingest")["stage_key"]
 
 
 def test_a_new_run_reuses_the_samples_another_run_stored(fusion_config, monkeypatch):

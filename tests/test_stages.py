@@ -78,6 +78,7 @@ def test_pipeline_runs_every_stage_then_resumes(fusion_config, tmp_path, monkeyp
     # A stage whose manifest is missing (the process died before writing it) runs again, alone.
     (run / "manifests" / "wrpo.json").unlink()
     monkeypatch.setattr(stages, "wrpo", lambda cfg, lay, **hooks: {"rerun": True})
+    monkeypatch.setattr(stages, "register", lambda cfg, lay: {"registered": "the stub model"})
     assert stages.run_pipeline(fusion_config)["wrpo"] == {"rerun": True}
 
 
@@ -149,7 +150,10 @@ def test_pipeline_end_to_end_on_s3(fusion_config, s3_server, s3_prefix, tmp_path
     other = stages.layout_for(cfg, cache_dir=tmp_path / "other-cache")
     other.storage.delete([other.manifest_key("wrpo")])
     resumed = stages.run_pipeline(cfg, layout=other)
-    assert [k for k in resumed if resumed[k] != summaries[k]] == ["wrpo"]
+    assert [k for k in resumed if resumed[k] != summaries[k]] == [
+        "wrpo",
+        "register",
+    ]  # the new model, registered
     assert (tmp_path / "other-cache" / "models" / "target-sft" / "model.safetensors").exists()
 
 
@@ -221,5 +225,14 @@ def test_pipeline_fanned_out_on_ray_matches_inline_and_adds_one_source_increment
         again = stages.run_pipeline(on_ray_cfg.model_copy(update={"sources": sources}), reuse=False)
         assert again["sample-src-c"]["shards_run_now"] == 3
         assert again["sample-src-a"] == on_ray["sample-src-a"]  # not rerun
+
+        # Fewer samples of src-a: its shards (tagged with their settings) and its scores are redone.
+        fewer = sources[0].model_copy(update={"sampling": sources[0].sampling.model_copy(update={"n": 2})})
+        third = stages.run_pipeline(
+            on_ray_cfg.model_copy(update={"sources": [fewer, *sources[1:]]}), reuse=False
+        )
+        assert third["sample-src-a"]["shards_run_now"] == 3 and third["sample-src-a"]["samples"] == 24
+        assert third["score-src-a"]["scored"] == 24
+        assert len(layout.storage.list_files("samples/src-a")) == 3  # the old shards were removed
     finally:
         ray.shutdown()

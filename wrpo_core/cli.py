@@ -110,18 +110,24 @@ def _notify(args: argparse.Namespace, action: str, name: str, path: str, storage
     """Emits the registry event to Prefect (per --event); returns what happened, for the output."""
     if args.event == "never":
         return "not sent (--event never)"
-    if args.event == "auto" and not os.environ.get("PREFECT_API_URL"):
-        return "not sent: PREFECT_API_URL is not set (a scheduled re-fusion picks the change up)"
+    if not os.environ.get("PREFECT_API_URL"):
+        if args.event == "auto":
+            return "not sent: PREFECT_API_URL is not set (a scheduled re-fusion picks the change up)"
+        raise CommandError(f"registry updated (version {version}), but --event always needs PREFECT_API_URL")
     try:
-        from prefect.events.worker import EventsWorker
-
-        from flows.events import emit_registry_event
+        from flows.events import emit_registry_event  # the orchestration layer: Prefect is imported there
     except ImportError as error:
-        raise ConfigError(
-            f"cannot emit the event: {error}; pip install 'wrpo-fusion[orchestration]'"
+        raise CommandError(
+            f"registry updated (version {version}), but the event needs Prefect: {error}; "
+            "pip install 'wrpo-fusion[orchestration]'"
         ) from error
-    event = emit_registry_event(action, name, path, storage.display(), version)
-    EventsWorker.drain_all()  # send it before this short-lived process exits
+    try:
+        event = emit_registry_event(action, name, path, storage.display(), version)
+    except Exception as error:
+        raise CommandError(
+            f"registry updated (version {version}), but the event was not sent: {error}. Start the "
+            "re-fusion by hand (prefect deployment run 'wrpo-fusion/refusion') or let its schedule do it"
+        ) from error
     return f"sent {event.event} ({event.id})"
 
 
@@ -134,7 +140,9 @@ def _sources(args: argparse.Namespace) -> dict:
         document = read_sources(storage)
         return {"registry": storage.display(), "version": document["version"], "sources": document["sources"]}
     if args.sources_command == "add":
-        sampling = {"n": args.n} if args.n else {}
+        sampling = {
+            k: v for k, v in (("n", args.n), ("max_new_tokens", args.max_new_tokens)) if v is not None
+        }
         spec = ModelSpec.model_validate(
             {
                 "name": args.name,
@@ -213,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
             )
             sub.add_argument("--backend", choices=["hf", "vllm"], default="hf")
             sub.add_argument("--revision")
-            sub.add_argument("--n", type=int, help="responses sampled per prompt (default: the config's)")
+            sub.add_argument("--n", type=int, help="responses sampled per prompt (default 5, the paper's)")
+            sub.add_argument("--max-new-tokens", type=int, help="response length limit (default 2048)")
             sub.add_argument("--tensor-parallel-size", type=int, default=1)
             sub.add_argument("--trust-remote-code", action="store_true")
             sub.add_argument("--replace", action="store_true", help="change an already registered source")

@@ -5,7 +5,7 @@ re-fusion (the `wrpo-fusion/refusion` deployment, started by the event the CLI e
 schedule) then fuses the config's sources plus the registered ones. Files, under the storage URL:
 
     registry/sources.json   {"version": N, "updated_at": ..., "sources": [ModelSpec, ...], "history": [...]}
-    registry/fused.json     {"models": [{run, model, sources, evaluation, ...}, ...]}   (newest last)
+    registry/fused/<digest of the run>.json   {run, model, sources, evaluation, ...}: one per fused model
 
 Writes replace the whole object (atomic on local disks and object stores). Two `add`s at the
 same instant can lose one; the registry is meant for a handful of operators.
@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -24,7 +25,7 @@ from wrpo_core.config import FusionConfig, ModelSpec
 from wrpo_core.storage import Storage, digest
 
 SOURCES_KEY = "registry/sources.json"
-FUSED_KEY = "registry/fused.json"
+FUSED_PREFIX = "registry/fused"
 
 
 class RegistryError(ValueError):
@@ -36,7 +37,12 @@ def _now() -> str:
 
 
 def open_registry(url: str, storage_options: Mapping[str, Any] | None = None) -> Storage:
-    """The storage that holds the registry: the fusion config's `storage.url`."""
+    """The storage that holds the registry: the fusion config's `storage.url` (local paths made absolute).
+
+    Absolute, so the registry's name in events (`storage.display()`) is the same from any folder.
+    """
+    if "://" not in url:
+        url = str(Path(url).expanduser().resolve())
     return Storage.open(url, storage_options)
 
 
@@ -47,6 +53,7 @@ def read_sources(storage: Storage) -> dict[str, Any]:
         return {"version": 0, "updated_at": None, "sources": [], "history": []}
     try:
         document = json.loads(data)
+        document.setdefault("history", [])
         document["sources"] = [
             ModelSpec.model_validate(s).model_dump(mode="json") for s in document["sources"]
         ]
@@ -107,17 +114,24 @@ def with_registered_sources(cfg: FusionConfig, sources: list[ModelSpec]) -> Fusi
     return FusionConfig.model_validate(data)
 
 
+def fused_record_key(run: str) -> str:
+    """Where the fused model of run `run` (its storage URL) is recorded."""
+    return f"{FUSED_PREFIX}/{digest(run)[:16]}.json"
+
+
 def record_fused_model(storage: Storage, record: Mapping[str, Any]) -> dict[str, Any]:
-    """Adds (or, for the same run, replaces) a fused model's record in `registry/fused.json`."""
-    data = storage.read_bytes_if_exists(FUSED_KEY)
-    document = json.loads(data) if data is not None else {"models": []}
+    """Writes a fused model's record (one file per run, so concurrent runs never overwrite each other)."""
     entry = {**record, "registered_at": _now()}
-    document["models"] = [m for m in document["models"] if m.get("run") != entry.get("run")] + [entry]
-    storage.write_json(FUSED_KEY, document)
+    storage.write_json(fused_record_key(str(entry["run"])), entry)
     return entry
 
 
 def fused_models(storage: Storage) -> list[dict[str, Any]]:
     """Every fused model recorded, oldest first."""
-    data = storage.read_bytes_if_exists(FUSED_KEY)
-    return [] if data is None else json.loads(data)["models"]
+    records = []
+    for key in storage.list_files(FUSED_PREFIX):
+        try:
+            records.append(storage.read_json(key))
+        except ValueError as error:
+            raise RegistryError(f"{storage.display(key)}: not a fused-model record: {error}") from error
+    return sorted(records, key=lambda r: r.get("registered_at", ""))

@@ -7,7 +7,6 @@ The Prefect flow publishes them as artifacts (tasks/report.py); anything else ca
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from wrpo_core.config import FusionConfig
@@ -82,8 +81,11 @@ def evaluation_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def training_rows(layout: RunLayout, name: str = "wrpo") -> list[dict[str, Any]]:
-    """The per-step metrics rows a trained model's job logged (its metrics.jsonl), [] if none."""
-    path = Path(layout.model(name)) / METRICS_FILE
-    if not path.exists():
+    """The per-step metrics rows a trained model's job logged (its metrics.jsonl), [] if none.
+
+    Reads that one file from storage (not the whole model).
+    """
+    data = layout.storage.read_bytes_if_exists(f"{layout.model_key(name)}/{METRICS_FILE}")
+    if data is None:
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in data.decode().splitlines() if line.strip()]

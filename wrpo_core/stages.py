@@ -14,6 +14,7 @@ stage, with a model card (README.md) recording their lineage. Orchestrators call
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -42,7 +43,7 @@ from wrpo_core.storage import (
     redact_options,
     safe_name,
 )
-from wrpo_core.toy.paths import resolve_path
+from wrpo_core.toy.paths import is_toy_path, resolve_path
 from wrpo_core.train.common import METRICS_FILE
 from wrpo_core.train.launch import LogCallback, MetricsCallback, launch_job
 from wrpo_core.train.sft import train_sft
@@ -135,10 +136,20 @@ class StageError(RuntimeError):
         super().__init__(f"{where} failed ({kind}): {type(error).__name__}: {error}")
 
 
-def _stale_reason(layout: RunLayout, manifest: dict, key_digest: str | None) -> str | None:
-    """Why a completed stage must run again (its settings or its inputs changed), or None."""
-    if key_digest is not None and manifest.get("stage_key") != key_digest:
-        return "its settings changed"
+def _stale_reason(
+    layout: RunLayout, manifest: dict, key_digest: str | None, cfg: FusionConfig | None
+) -> str | None:
+    """Why a completed stage must run again (its settings or its inputs changed), or None.
+
+    A manifest written before stages had settings keys counts as current when the whole
+    config's hash still matches.
+    """
+    if key_digest is not None:
+        if "stage_key" in manifest and manifest["stage_key"] is not None:
+            if manifest["stage_key"] != key_digest:
+                return "its settings changed"
+        elif cfg is None or manifest.get("config_hash") != config_hash(cfg):
+            return "it ran before settings were recorded, with another configuration"
     changed = layout.changed_inputs(manifest)
     return f"inputs changed since it ran ({', '.join(changed)})" if changed else None
 
@@ -157,23 +168,23 @@ def run_stage_outcome(
 
     A stage that ran before but whose inputs or settings (`key`) changed since runs again. A stage
     not done here whose result another run in `reuse_from` holds (same key, same inputs) is copied
-    from it ("reused"). Failures raise StageError naming the stage and model.
+    from it ("reused"). Any failure raises StageError naming the stage and model.
     """
     key_digest = None if key is None else digest(key)
-    manifest = layout.read_manifest(name)
-    if manifest is not None:
-        reason = _stale_reason(layout, manifest, key_digest)
-        if reason is None:
-            logger.info("stage %s: done before, skipped", name)
-            return "skipped", manifest["summary"]
-        logger.info("stage %s: %s; running it again", name, reason)
-    for other in reuse_from:
-        summary = reuse_stage(layout, other, name, key_digest)
-        if summary is not None:
-            return "reused", summary
-    logger.info("stage %s: running", name)
-    layout.begin(name)
     try:
+        manifest = layout.read_manifest(name)
+        if manifest is not None:
+            reason = _stale_reason(layout, manifest, key_digest, cfg)
+            if reason is None:
+                logger.info("stage %s: done before, skipped", name)
+                return "skipped", manifest["summary"]
+            logger.info("stage %s: %s; running it again", name, reason)
+        for other in reuse_from:
+            summary = reuse_stage(layout, other, name, key_digest)
+            if summary is not None:
+                return "reused", summary
+        logger.info("stage %s: running", name)
+        layout.begin(name)
         summary = run()
         manifest = layout.commit(
             name, summary, config_hash=config_hash(cfg) if cfg is not None else None, stage_key=key_digest
@@ -197,18 +208,29 @@ def reuse_stage(layout: RunLayout, other: RunLayout, name: str, key_digest: str 
     """Copies stage `name` from another run when it is complete there with the same key and inputs.
 
     The inputs are compared by their manifest entries (file keys, rows and sha256), so the copy is
-    exactly what running the stage here would read. Files are copied first and the manifest last.
+    exactly what running the stage here would read. Files are copied, checked against the
+    manifest's sha256 (the other run may be rewriting them), and the manifest is written last.
     Returns the stage's summary, or None when the other run has no such result.
     """
-    if other.root == layout.root:
+    if other.storage.root == layout.storage.root and other.storage.protocol == layout.storage.protocol:
         return None
     manifest = other.read_manifest(name)
-    if manifest is None or manifest.get("models") or manifest.get("stage_key") != key_digest:
+    if (
+        manifest is None
+        or manifest.get("models")
+        or key_digest is None
+        or manifest.get("stage_key") != key_digest
+    ):
         return None
     if layout.changed_inputs(manifest):
         return None
-    for entry in manifest["datasets"].values():
-        copy_files(other.storage, layout.storage, [f["key"] for f in entry["files"]])
+    files = [f for entry in manifest["datasets"].values() for f in entry["files"]]
+    copy_files(other.storage, layout.storage, [f["key"] for f in files])
+    for f in files:
+        if hashlib.sha256(layout.storage.read_bytes(f["key"])).hexdigest() != f["sha256"]:
+            logger.warning("stage %s: %s changed while it was copied from %s; running the stage instead",
+                           name, f["key"], other.storage.display())  # fmt: skip
+            return None
     manifest = {**manifest, "run": layout.storage.display(), "reused_from": other.storage.display()}
     layout.storage.write_json(layout.manifest_key(name), manifest)
     layout.index(refresh=True)
@@ -237,8 +259,27 @@ def sibling_runs(cfg: FusionConfig, layout: RunLayout) -> list[RunLayout]:
     return [
         RunLayout(base.url_of(run), cfg.storage.storage_options, cache_dir=layout.cache_dir)
         for run in runs
-        if base.url_of(run).rstrip("/") != layout.root.rstrip("/")
+        if f"{base.root}/{run}" != layout.storage.root
     ]
+
+
+def source_fingerprint(path: str) -> str | None:
+    """Size and modification tag of a prompt file or folder (so an edited file is read again); None
+    for what fsspec cannot stat (a hub dataset id: pin a revision-specific path instead)."""
+    if is_toy_path(path):
+        return path
+    import fsspec
+
+    try:
+        fs, root = fsspec.core.url_to_fs(path)
+        found = fs.find(root, detail=True) if fs.isdir(root) else {root: fs.info(root)}
+    except (OSError, ValueError, ImportError):
+        return None
+    tags = sorted(
+        (name, info.get("size"), str(info.get("ETag") or info.get("mtime") or info.get("LastModified") or ""))
+        for name, info in found.items()
+    )
+    return digest(tags)
 
 
 def _device(cfg: FusionConfig) -> str:
@@ -345,7 +386,7 @@ def score_on_ray(cfg: FusionConfig, layout: RunLayout, model: str) -> dict:
     """The score stage fanned out over Ray actors, one score shard per sample shard."""
     from wrpo_core import fanout
 
-    _, entry = layout.entry(layout.samples(model))
+    entry = layout.note_input(layout.samples(model))  # actors read the files; the stage depends on them
     sample_shards = [fanout.Shard(i, 0, 0, f["key"]) for i, f in enumerate(entry["files"])]
     out_key = layout.scores(model)
     tag = _shard_tag(layout, cfg.reward_model.model_dump(mode="json"), [layout.samples(model)])
@@ -521,7 +562,7 @@ def _train_job(
         return train_sft(job) if stage == "sft" else train_wrpo(job)
     result = launch_job(stage, job, on_log=on_log, on_metrics=on_metrics)
     folder = Path(job.output_dir)
-    if result.model_uri and result.model_uri != job.output_dir and not (folder / "config.json").exists():
+    if result.model_uri and result.model_uri != job.output_dir:  # a Ray job stored it elsewhere: this one
         _fetch_model(result.model_uri, folder)
     if result.metrics and not (folder / METRICS_FILE).exists():
         (folder / METRICS_FILE).write_text("".join(json.dumps(row) + "\n" for row in result.metrics))
@@ -650,9 +691,9 @@ def evaluate(cfg: FusionConfig, layout: RunLayout) -> dict:
 
 def register(cfg: FusionConfig, layout: RunLayout) -> dict:
     """Records the fused model (where it is, its sources, its evaluation) in the storage's model log."""
-    from wrpo_core.registry import open_registry, record_fused_model
+    from wrpo_core.registry import fused_record_key, open_registry, record_fused_model
 
-    _, model = layout.entry(layout.model_key("wrpo"))
+    model = layout.note_input(layout.model_key("wrpo"))  # a retrained fused model is registered again
     evaluation = layout.read_manifest("evaluate")
     record = {
         "run": layout.storage.display(),
@@ -668,7 +709,7 @@ def register(cfg: FusionConfig, layout: RunLayout) -> dict:
     }  # fmt: skip
     storage = open_registry(cfg.storage.url, cfg.storage.storage_options)
     entry = record_fused_model(storage, record)
-    return {**entry, "registry": storage.display("registry/fused.json")}
+    return {**entry, "registry": storage.display(fused_record_key(record["run"]))}
 
 
 def pipeline_stages(
@@ -697,7 +738,12 @@ def pipeline_stages(
     reward = cfg.reward_model.model_dump(mode="json")
     target = cfg.target.model_dump(mode="json", exclude={"sampling", "name"})
     result: list[Stage] = [
-        Stage("ingest", lambda: ingest(cfg, layout), cfg.prompts.model_dump(mode="json"), reusable=True),
+        Stage(
+            "ingest",
+            lambda: ingest(cfg, layout),
+            {"prompts": cfg.prompts.model_dump(mode="json"), "source": source_fingerprint(cfg.prompts.path)},
+            reusable=True,
+        ),
         Stage(
             "split", lambda: split(cfg, layout), cfg.split.model_dump(mode="json"), ("ingest",), reusable=True
         ),
@@ -727,10 +773,18 @@ def pipeline_stages(
         key = {"evaluation": cfg.evaluation.model_dump(mode="json"), "judge": reward, "target": target}
         result.append(Stage("evaluate", lambda: evaluate(cfg, layout), key, ("wrpo",), "wrpo"))
         last = "evaluate"
-    result.append(
-        Stage("register", lambda: register(cfg, layout), {"sources": [s.name for s in cfg.sources]}, (last,))
-    )
+    result.append(Stage("register", lambda: register(cfg, layout), {"config": config_hash(cfg)}, (last,)))
     return result
+
+
+def run_pipeline_stage(
+    cfg: FusionConfig, layout: RunLayout, stage: Stage, *, reuse: bool = True
+) -> tuple[Outcome, dict]:
+    """Runs (or skips, or copies from another run when `reuse`) one stage of `pipeline_stages`."""
+    others = sibling_runs(cfg, layout) if reuse and stage.reusable else []
+    return run_stage_outcome(
+        layout, stage.name, stage.run, cfg=cfg, key=stage.key, model=stage.model, reuse_from=others
+    )
 
 
 def run_pipeline(
@@ -744,17 +798,8 @@ def run_pipeline(
     """
     layout = layout or layout_for(cfg, root)
     layout.storage.check()
-    others = sibling_runs(cfg, layout) if reuse else []
     summaries = {
-        stage.name: run_stage(
-            layout,
-            stage.name,
-            stage.run,
-            cfg=cfg,
-            key=stage.key,
-            model=stage.model,
-            reuse_from=others if stage.reusable else (),
-        )
+        stage.name: run_pipeline_stage(cfg, layout, stage, reuse=reuse)[1]
         for stage in pipeline_stages(cfg, layout)
     }
     for row in summaries["select-source"].get("per_model", []):

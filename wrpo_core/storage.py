@@ -838,6 +838,16 @@ class RunLayout:
         pq.write_table(table, target)
         return str(target)
 
+    def note_input(self, key: str) -> dict[str, Any]:
+        """Records a completed stage's dataset or model as an input of the running stage; its entry.
+
+        For stages that hand the files to other processes (Ray actors) instead of reading them.
+        """
+        key = safe_key(key)
+        _, entry = self.entry(key)
+        self._note_input(key, entry)
+        return entry
+
     def _note_input(self, key: str, entry: dict[str, Any]) -> None:
         if key not in self.record.datasets and key not in self.record.models:
             self.record.inputs[key] = digest(entry)

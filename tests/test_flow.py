@@ -67,3 +67,19 @@ def test_an_event_from_another_registry_does_nothing(fusion_config, tmp_path):
     )
     assert result["run"] is None and "is not" in result["skipped"]
     assert not (tmp_path / "runs").exists()  # no run folder was created
+
+
+def test_the_embedded_default_runs_through_the_flow_on_local_ray(tmp_path, monkeypatch):
+    """`make demo`'s path (flows.demo) with --quick: per-source stages concurrently on Ray actors."""
+    import json
+
+    import flows.demo
+
+    out = tmp_path / "demo"
+    assert flows.demo.main(["--quick", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["results"]) == ["Target", "Target-SFT", "Target-SFT-DPO", "Target-SFT-WRPO"]
+    stages_run = report["stages"]
+    assert stages_run["sample-src-reverse"]["shards"] >= 1  # sampled by Ray actors, in shards
+    assert set(stages_run["evaluate"]["win_rates"]) == {"target", "target-sft"}
+    assert (out / "toy" / "evaluation" / "alpaca_eval" / "wrpo.json").exists()

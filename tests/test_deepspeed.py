@@ -156,11 +156,16 @@ def test_torchrun_command_single_machine_and_multi_node():
     one = torchrun_command("wrpo", "job.yaml", LaunchConfig(nproc_per_node=2, master_port=29555))
     assert one[1:] == [
         "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1", "--master_addr=127.0.0.1",
-        "--master_port=29555", "-m", "wrpo_core.cli", "train", "wrpo", "--config", "job.yaml",
+        "--master_port=29555", "-m", "wrpo_core.train.launch", "train", "wrpo", "--config", "job.yaml",
+    ]  # fmt: skip
+    # No port set: torchrun's store binds port 0 itself, so no other process can take it first.
+    free = torchrun_command("sft", "job.yaml", LaunchConfig(nproc_per_node=2), run_id="r0")
+    assert free[3:8] == [
+        "--nproc_per_node=2", "--nnodes=1", "--rdzv_backend=c10d", "--rdzv_endpoint=127.0.0.1:0", "--rdzv_id=r0",
     ]  # fmt: skip
     many = torchrun_command("sft", "s3://b/job.yaml", LaunchConfig(nnodes=4, master_addr="head"), run_id="r1")
     assert "--rdzv_endpoint=head:29500" in many and "--rdzv_id=r1" in many and "--nnodes=4" in many
-    assert not any(arg.startswith("--master_port") for arg in many)
+    assert not any(arg.startswith("--master_port") for arg in many + free)
 
 
 def test_prepare_local_writes_the_job_and_marks_the_processes(tmp_path, data_dir):
@@ -404,7 +409,10 @@ def test_the_launcher_raises_the_jobs_own_error(tmp_path, data_dir, tiny_model_d
     with pytest.raises(TrainingJobError) as failure:
         launch_job("sft", job, on_log=lines.append)
     assert "missing.parquet" in failure.value.error and failure.value.returncode != 0
-    assert "ChildFailedError" not in failure.value.error
+    assert "ChildFailedError" not in failure.value.error and "=====" not in failure.value.error
+    # torchrun's root cause: the rank, its exit code, and the traceback it recorded
+    assert failure.value.failure.exitcode == 1 and failure.value.failure.error_file
+    assert failure.value.error.endswith(f"(rank {failure.value.failure.rank}, exit code 1)")
     assert any("missing.parquet" in line for line in lines)
 
     # The same through the CLI: `wrpo train` picks the launcher from the config and exits 1.

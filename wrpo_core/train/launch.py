@@ -7,8 +7,9 @@ error text when it fails:
 
     result = launch_job("wrpo", job, on_log=logger.info, on_metrics=record_step)
 
-`local` runs `torchrun ... -m wrpo_core.cli train STAGE --config FILE` as a subprocess in its own
-process group; the metrics come from `output_dir/metrics.jsonl`. `ray` runs the same training
+`local` runs `torchrun ... -m wrpo_core.train.launch train STAGE --config FILE` (the `wrpo` CLI in
+each worker, see `run_torchrun_worker`) as a subprocess in its own process group; the metrics
+come from `output_dir/metrics.jsonl`. `ray` runs the same training
 function in Ray Train `TorchTrainer` workers, mirrors every checkpoint to the run's storage
 (`storage_path`/`run_name`) and, when a worker fails or the job is rerun, restores the newest one
 into `output_dir` so the Trainer resumes from it; the final model is stored there too.
@@ -16,6 +17,7 @@ into `output_dir` so the Trainer resumes from it; the final model is stored ther
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import json
@@ -35,7 +37,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import yaml
 
@@ -50,6 +52,9 @@ MetricsCallback = Callable[[dict[str, Any]], None]
 
 LAUNCHED_ENV = "WRPO_LAUNCHED"
 """Set to 1 in every process a launcher starts: `wrpo train` there trains instead of launching."""
+
+WORKER_MODULE = "wrpo_core.train.launch"
+"""What torchrun runs in each worker process: this module's `run_torchrun_worker` (`wrpo ARGS`)."""
 
 METRICS_FILE = "metrics.jsonl"
 """Per-step metrics of a job, in its output_dir (written by rank 0)."""
@@ -73,16 +78,61 @@ _RANK_PREFIX = re.compile(r"^\[(?:rank|default)\d+\]:\s?")
 _ERROR_LINE = re.compile(
     r"^(?:error: \S|(?:[A-Za-z_][\w]*\.)*[A-Za-z_]\w*(?:Error|Exception|Interrupt)(?::|$))"
 )
+_FATAL_LINE = re.compile(r"^(?:terminate called\b|Fatal Python error: |what\(\): )")
+"""Last words of a process that dies of a signal: C++ std::terminate, Python's fault handler."""
 _LAUNCHER_NOISE = ("ChildFailedError", "torch.distributed.elastic")
+_SUMMARY_FIELD = re.compile(r"^  (\w+)\s*: ?(.*)$")
+_RANK_FIELD = re.compile(r"^(-?\d+) \(local_rank: (-?\d+)\)")
+_EXITCODE_FIELD = re.compile(r"^(-?\d+)(?: \(pid: \d+\))?\s*(?:\((SIG\w+)\))?")
+
+
+@dataclass(frozen=True)
+class RankFailure:
+    """The root cause entry of torchrun's ChildFailedError summary: the process that failed first."""
+
+    rank: int
+    local_rank: int
+    exitcode: int
+    signal: str | None = None
+    """`SIGABRT` etc. when a signal ended the process (exitcode is then minus its number)."""
+    error_file: str | None = None
+    """The rank's recorded exception (`@record` in the worker); None when it wrote none."""
+    traceback: tuple[str, ...] = ()
+    """The recorded traceback's lines, or torchrun's one-line note (`Signal 6 (SIGABRT) received ...`)."""
+
+    @property
+    def exception(self) -> str | None:
+        """The exception line of the recorded traceback (`Type: message`), if there is one."""
+        if self.error_file is None:
+            return None
+        lines = [line.strip() for line in self.traceback if line.strip()]
+        return next((line for line in reversed(lines) if _ERROR_LINE.match(line)), None)
+
+    def describe(self) -> str:
+        """How the rank ended: `rank 1, exit code 1` or `rank 1 killed by SIGABRT, exit code -6`."""
+        how = f" killed by {self.signal}" if self.signal else ""
+        return f"rank {self.rank}{how}, exit code {self.exitcode}"
 
 
 class TrainingJobError(RuntimeError):
-    """A training job that failed: `error` is the job's own error text, `log_tail` its last lines."""
+    """A training job that failed: `error` is the job's own error text, `log_tail` its last lines.
 
-    def __init__(self, error: str, *, returncode: int | None = None, log_tail: Iterable[str] = ()):
+    `failure` is torchrun's root-cause entry (which rank, exit code or signal) when the job ran
+    under torchrun and a worker failed.
+    """
+
+    def __init__(
+        self,
+        error: str,
+        *,
+        returncode: int | None = None,
+        log_tail: Iterable[str] = (),
+        failure: RankFailure | None = None,
+    ):
         self.error = error
         self.returncode = returncode
         self.log_tail = list(log_tail)
+        self.failure = failure
         code = f" (exit code {returncode})" if returncode is not None else ""
         super().__init__(f"training job failed{code}: {error}")
 
@@ -233,18 +283,21 @@ def write_job_config(job: JobConfig, path: str | Path) -> str:
 def torchrun_command(
     stage: Stage, config_path: str, launch: LaunchConfig, *, run_id: str = "wrpo"
 ) -> list[str]:
-    """The torchrun command line for a job: static rendezvous on one machine, c10d across machines."""
-    from wrpo_core.train.common import free_port
+    """The torchrun command line for a job: each worker runs `wrpo train` via `run_torchrun_worker`.
 
+    On one machine without a configured `master_port`, torchrun's rendezvous store binds port 0
+    itself, so no other process can take a port between choosing and binding it; across
+    machines (or with a port set) the rendezvous uses the configured address.
+    """
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={launch.nproc_per_node}"]
     command.append(f"--nnodes={launch.nnodes}")
-    if launch.nnodes == 1:
-        port = launch.master_port or free_port()
-        command += [f"--master_addr={launch.master_addr}", f"--master_port={port}"]
+    if launch.nnodes == 1 and launch.master_port:
+        command += [f"--master_addr={launch.master_addr}", f"--master_port={launch.master_port}"]
     else:
-        endpoint = f"{launch.master_addr}:{launch.master_port or 29500}"
+        port = launch.master_port or (0 if launch.nnodes == 1 else 29500)
+        endpoint = f"{launch.master_addr}:{port}"
         command += ["--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}", f"--rdzv_id={run_id}"]
-    return [*command, "-m", "wrpo_core.cli", "train", stage, "--config", config_path]
+    return [*command, "-m", WORKER_MODULE, "train", stage, "--config", config_path]
 
 
 def launched_env(launch: LaunchConfig) -> dict[str, str]:
@@ -282,17 +335,102 @@ class MetricsTail:
         return [row for row in rows if row is not None]
 
 
+class JobLogErrors:
+    """What a job's log says about its failure, gathered line by line as the log streams.
+
+    Three kinds of lines count: the first `error: ...` or exception line a worker printed, the
+    first fatal message (`terminate called ...`, `Fatal Python error: ...`) of a process about to
+    die of a signal, and torchrun's ChildFailedError summary, whose root cause names the rank
+    that failed first, its exit code or signal, and its recorded traceback.
+    """
+
+    def __init__(self) -> None:
+        self.exception: str | None = None
+        self.fatal: str | None = None
+        self._summary: list[str] | None = None
+
+    def add(self, raw: str) -> None:
+        """Takes one log line (rank prefixes such as `[rank0]: ` are removed)."""
+        line = _RANK_PREFIX.sub("", raw.rstrip())
+        if self._summary is not None:
+            self._summary.append(line)
+            return
+        if line.startswith("Root Cause (first observed failure):"):
+            self._summary = []
+            return
+        stripped = line.strip()
+        launcher_noise = any(noise in stripped for noise in _LAUNCHER_NOISE)
+        if self.exception is None and _ERROR_LINE.match(stripped) and not launcher_noise:
+            self.exception = stripped.removeprefix("error: ")
+        if self.fatal is None and _FATAL_LINE.match(stripped):
+            self.fatal = stripped
+
+    @property
+    def root_cause(self) -> RankFailure | None:
+        """torchrun's root-cause entry, once its summary has been read; else None."""
+        return parse_root_cause(self._summary or [])
+
+    def text(self) -> str | None:
+        """The job's own error, said as precisely as the log allows; None if it says nothing.
+
+        The failing rank's recorded exception comes first, then the first exception line in the
+        log; a rank that a signal ended is named with the signal and its last fatal message.
+        """
+        failure = self.root_cause
+        exception = (failure.exception if failure else None) or self.exception
+        if failure is None:
+            return exception or self.fatal
+        if failure.signal:
+            words = exception or self.fatal
+            return f"{failure.describe()}" + (f"; last error in the log: {words}" if words else "")
+        if exception:
+            return f"{exception} ({failure.describe()})"
+        return failure.describe() + (f"; last error in the log: {self.fatal}" if self.fatal else "")
+
+
+def parse_root_cause(summary: list[str]) -> RankFailure | None:
+    """The first entry after `Root Cause (first observed failure):` in torchrun's summary.
+
+    An entry is `  name : value` lines (rank, exitcode, error_file, traceback); a recorded
+    traceback continues on more-indented lines; a line of `=` or `-` ends the entry.
+    """
+    fields: dict[str, str] = {}
+    traceback: list[str] = []
+    for line in summary:
+        if is_banner(line):
+            break
+        match = _SUMMARY_FIELD.match(line)
+        if match and not traceback:
+            fields[match.group(1)] = match.group(2).strip()
+            if match.group(1) == "traceback":
+                traceback.append(match.group(2).strip())
+        elif traceback:
+            traceback.append(line)
+    rank = _RANK_FIELD.match(fields.get("rank", ""))
+    exitcode = _EXITCODE_FIELD.match(fields.get("exitcode", ""))
+    if not rank or not exitcode:
+        return None
+    error_file = fields.get("error_file")
+    return RankFailure(
+        rank=int(rank.group(1)),
+        local_rank=int(rank.group(2)),
+        exitcode=int(exitcode.group(1)),
+        signal=exitcode.group(2),
+        error_file=None if error_file in (None, "", "<N/A>") else error_file,
+        traceback=tuple(traceback),
+    )
+
+
 def job_error_text(lines: Iterable[str]) -> str | None:
-    """The job's own error in its log: the first `error: ...` or exception line a worker printed.
+    """The job's own error in its log (see `JobLogErrors.text`); None if the log names none.
 
     Rank prefixes (`[rank0]: `) and the CLI's `error: ` are removed; torchrun's own
-    ChildFailedError summary is skipped.
+    ChildFailedError is never the answer, but its root cause tells which rank failed and how.
     """
-    for raw in lines:
-        line = _RANK_PREFIX.sub("", raw.strip())
-        if _ERROR_LINE.match(line) and not any(noise in line for noise in _LAUNCHER_NOISE):
-            return line.removeprefix("error: ")
-    return None
+    errors = JobLogErrors()
+    for line in lines:
+        errors.add(line)
+    return errors.text()
 
 
 @dataclass
@@ -352,14 +490,15 @@ class LocalJob:
 
     def watch(
         self, on_log: LogCallback | None = None, on_metrics: MetricsCallback | None = None
-    ) -> tuple[int, list[dict[str, Any]], str | None, list[str]]:
-        """Streams lines and metrics until the process ends: (returncode, rows, error text, log tail).
+    ) -> tuple[int, list[dict[str, Any]], JobLogErrors, list[str]]:
+        """Streams lines and metrics until the process ends: (returncode, rows, errors, log tail).
 
-        If a callback raises (or the caller is interrupted) the process group is stopped first.
+        `errors` is what the whole log said about a failure (`errors.text()`). If a callback
+        raises (or the caller is interrupted) the process group is stopped first.
         """
         rows: list[dict[str, Any]] = []
         tail: deque[str] = deque(maxlen=60)
-        error: str | None = None
+        errors = JobLogErrors()
         try:
             done = False
             while not done:
@@ -371,7 +510,7 @@ class LocalJob:
                     done = True
                 elif line:
                     tail.append(line)
-                    error = error or job_error_text([line])
+                    errors.add(line)
                     if on_log:
                         on_log(line)
                 self._emit_metrics(rows, on_metrics)
@@ -379,7 +518,7 @@ class LocalJob:
             self._emit_metrics(rows, on_metrics)
         finally:
             self.stop()
-        return returncode, rows, error, list(tail)
+        return returncode, rows, errors, list(tail)
 
     def _emit_metrics(self, rows: list[dict[str, Any]], on_metrics: MetricsCallback | None) -> None:
         for row in self.metrics.read_new():
@@ -398,11 +537,25 @@ def run_subprocess(
 ) -> list[dict[str, Any]]:
     """Runs a command as a watched job; returns its metrics rows or raises TrainingJobError."""
     job = LocalJob.start(command, env, metrics_path)
-    returncode, rows, error, tail = job.watch(on_log, on_metrics)
+    returncode, rows, errors, tail = job.watch(on_log, on_metrics)
     if returncode != 0:
-        text = error or (tail[-1] if tail else "no output")
-        raise TrainingJobError(text, returncode=returncode, log_tail=tail)
+        text = errors.text() or last_words(tail)
+        raise TrainingJobError(text, returncode=returncode, log_tail=tail, failure=errors.root_cause)
     return rows
+
+
+def last_words(tail: list[str]) -> str:
+    """The last line of a log that is not a banner of `=` or `-`; `no output` for an empty log."""
+    for line in reversed(tail):
+        if line.strip() and not is_banner(line):
+            return line.strip()
+    return "no output"
+
+
+def is_banner(line: str) -> bool:
+    """True for a line of only `=` or `-` (torchrun's summary frames)."""
+    stripped = line.strip()
+    return bool(stripped) and set(stripped) <= {"=", "-"}
 
 
 def prepare_local(
@@ -456,6 +609,39 @@ def launch_local(
     rows = run_subprocess(command, env, metrics_path, on_log=on_log, on_metrics=on_metrics)
     summary = next((row for row in reversed(rows) if "train_runtime" in row), {})
     return JobResult(output_dir=job.output_dir, metrics=rows, summary=summary, model_uri=job.output_dir)
+
+
+def run_torchrun_worker(argv: list[str]) -> NoReturn:
+    """Entry point of every torchrun worker: runs `wrpo ARGV` here, then ends the process.
+
+    A worker that returns ends through `exit_without_teardown`, not the interpreter's shutdown.
+    There, a gloo work thread may still be releasing the tensors of a finished collective, which
+    takes the GIL; Python (before 3.14) ends a thread that asks for the GIL while it finalizes
+    with pthread_exit, whose unwind through a noexcept destructor calls std::terminate, and the
+    worker dies of SIGABRT ("terminate called without an active exception") after it trained
+    and saved everything. destroy_process_group() does not prevent it: DeepSpeed's ZeRO-3
+    objects keep the groups, and so their threads, alive until the interpreter's teardown.
+    An exception that escapes `wrpo` is recorded for torchrun's failure summary (`record`) and
+    ends the process as usual.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    from wrpo_core.cli import main
+
+    exit_without_teardown(record(main)(argv) or 0)
+
+
+def exit_without_teardown(code: int) -> NoReturn:
+    """Ends this process with `code` like sys.exit does, minus the interpreter's own teardown.
+
+    The atexit handlers run (logging flushes its handlers) and stdout/stderr are flushed while
+    every thread can still run; then os._exit ends all threads at once.
+    """
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 # --- the Ray launcher: Ray Train TorchTrainer ------------------------------------------------
@@ -722,3 +908,9 @@ def _store_reference(job: WRPOJobConfig) -> None:
 
     tokenizer = load_tokenizer(job.model, trust_remote_code=job.trust_remote_code)
     prepare_reference(job, load_quadruples(job.data), tokenizer)
+
+
+if __name__ == "__main__":  # a torchrun worker (see torchrun_command)
+    from wrpo_core.train.launch import run_torchrun_worker
+
+    run_torchrun_worker(sys.argv[1:])

@@ -169,3 +169,19 @@ def test_evaluation_judges_the_fused_model_and_exports_alpaca_eval(fusion_config
     assert {r["generator"] for r in export} == {"smoke/wrpo"}
     fused = registry.fused_models(registry.open_registry(cfg.storage.url))
     assert fused[-1]["run"] == summaries["register"]["run"] and fused[-1]["evaluation"]["prompts"] == 3
+
+
+@pytest.mark.integration
+def test_training_stages_launched_as_torchrun_jobs_stream_logs_and_metrics(fusion_config):
+    """With `launch:` the SFT and WRPO stages run as torchrun jobs; their lines and steps reach the hooks."""
+    cfg = FusionConfig.model_validate(
+        {**fusion_config.model_dump(mode="json"), "launch": {"launcher": "local"}}
+    )
+    layout = stages.layout_for(cfg)
+    lines, rows = [], []
+    plan = stages.pipeline_stages(cfg, layout, on_log=lines.append, on_metrics=rows.append)
+    summaries = {s.name: stages.run_pipeline_stage(cfg, layout, s, reuse=False)[1] for s in plan}
+    assert summaries["sft"]["model"].endswith("models/target-sft") and "train_loss" in summaries["wrpo"]
+    assert any('"train_runtime"' in line or "train_runtime" in line for line in lines)  # the job's own output
+    assert {row["step"] for row in rows if "loss" in row} >= {1, 2}  # per-step metrics of both jobs
+    assert (layout.storage.local_path("models/wrpo") / "model.safetensors").exists()

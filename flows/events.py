@@ -11,9 +11,6 @@ from typing import Any
 
 from wrpo_core.storage import digest
 
-SOURCE_ADDED = "wrpo.source.added"
-SOURCE_REMOVED = "wrpo.source.removed"
-
 
 def registry_resource_id(registry: str) -> str:
     """The event resource of a registry: `wrpo.registry.<digest of its storage URL>`."""

@@ -182,6 +182,6 @@ def test_training_stages_launched_as_torchrun_jobs_stream_logs_and_metrics(fusio
     plan = stages.pipeline_stages(cfg, layout, on_log=lines.append, on_metrics=rows.append)
     summaries = {s.name: stages.run_pipeline_stage(cfg, layout, s, reuse=False)[1] for s in plan}
     assert summaries["sft"]["model"].endswith("models/target-sft") and "train_loss" in summaries["wrpo"]
-    assert any('"train_runtime"' in line or "train_runtime" in line for line in lines)  # the job's own output
+    assert any("train_runtime" in line for line in lines)  # the job's own output
     assert {row["step"] for row in rows if "loss" in row} >= {1, 2}  # per-step metrics of both jobs
     assert (layout.storage.local_path("models/wrpo") / "model.safetensors").exists()

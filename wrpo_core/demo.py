@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,12 +21,12 @@ from wrpo_core.config import FusionConfig
 from wrpo_core.evaluation import evaluate_model
 from wrpo_core.reference import REFERENCE_FILE
 from wrpo_core.rewards import ToyVerifierScorer
-from wrpo_core.toy.paths import demo_settings, toy_config_data, toy_prompts
+from wrpo_core.toy.paths import default_cache_dir, demo_settings, toy_config_data, toy_prompts
 from wrpo_core.toy.world import build_world
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CACHE = Path(os.environ.get("WRPO_CACHE", Path.home() / ".cache" / "wrpo-fusion")) / "toy-world"
+DEFAULT_CACHE = default_cache_dir()  # $WRPO_CACHE/toy-world, shared with the toy-world: paths
 
 
 def fusion_config(

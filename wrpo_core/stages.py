@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import posixpath
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +28,8 @@ import pyarrow.compute as pc
 import torch
 import yaml
 
-from wrpo_core.config import FusionConfig, ModelSpec, SFTJobConfig, WRPOConfig, WRPOJobConfig
-from wrpo_core.prompts import load_prompts, split_prompts
+from wrpo_core.config import FusionConfig, ModelSpec, PromptsConfig, SFTJobConfig, WRPOConfig, WRPOJobConfig
+from wrpo_core.prompts import IngestReport, load_prompts, split_prompts
 from wrpo_core.rewards import load_scorer, score_samples
 from wrpo_core.sampling import load_sampler
 from wrpo_core.schemas import BEST_SOURCE, PROMPTS, QUADRUPLES, SAMPLES, SCORES
@@ -244,7 +245,7 @@ def copy_files(source: Storage, target: Storage, keys: list[str]) -> None:
     for key in keys:
         if same_fs:
             with target.guard("cannot copy to", key):
-                target.fs.makedirs(target.fs._parent(target.path(key)), exist_ok=True)
+                target.fs.makedirs(posixpath.dirname(target.path(key)), exist_ok=True)
                 target.fs.copy(source.path(key), target.path(key))
         else:
             target.write_bytes(key, source.read_bytes(key))
@@ -296,13 +297,17 @@ def _prompt_text(layout: RunLayout) -> dict[str, str]:
 # --- stages --------------------------------------------------------------------------------------
 
 
+def read_prompts(prompts: PromptsConfig) -> tuple[pa.Table, IngestReport]:
+    """The prompts a config section names (a `toy-world:` path resolved), cut to its `limit`."""
+    table, report = load_prompts(
+        resolve_path(prompts.path), prompt_field=prompts.prompt_field, split=prompts.split
+    )
+    return (table if prompts.limit is None else table.slice(0, prompts.limit)), report
+
+
 def ingest(cfg: FusionConfig, layout: RunLayout) -> dict:
     """Reads the prompt source, collapses duplicates, stores PROMPTS."""
-    table, report = load_prompts(
-        resolve_path(cfg.prompts.path), prompt_field=cfg.prompts.prompt_field, split=cfg.prompts.split
-    )
-    if cfg.prompts.limit is not None:
-        table = table.slice(0, cfg.prompts.limit)
+    table, report = read_prompts(cfg.prompts)
     layout.write_dataset(layout.prompts, table, PROMPTS)
     return {"prompts": table.num_rows, "rows_read": report.rows_read, "duplicates": report.duplicates}
 
@@ -650,13 +655,7 @@ def evaluate(cfg: FusionConfig, layout: RunLayout) -> dict:
     settings = cfg.evaluation
     if settings.prompts is None:
         raise ValueError("evaluation.prompts is not set: there are no held-out prompts to evaluate on")
-    table, _ = load_prompts(
-        resolve_path(settings.prompts.path),
-        prompt_field=settings.prompts.prompt_field,
-        split=settings.prompts.split,
-    )
-    if settings.prompts.limit is not None:
-        table = table.slice(0, settings.prompts.limit)
+    table, _ = read_prompts(settings.prompts)
     prompts = table["prompt"].to_pylist()
     models = {
         "target": resolve_path(cfg.target.path),

@@ -2,7 +2,7 @@
 
 Runs the same toy fusion config (every stage: ingest ... WRPO, evaluate, register) in fresh run
 folders, in one process:
-  baseline  `wrpo_core.stages.run_pipeline` (plain function calls, inline sampling),
+  baseline  `wrpo_core.pipeline.run_pipeline` (plain function calls, inline sampling),
   prefect   the `wrpo-fusion` flow with inline sampling (Prefect's overhead alone),
   prefect+ray the flow with `compute.executor: ray` (local Ray actors sample and score),
 and prints each wall time and its ratio to the baseline, repeated `--repeats` times (Prefect's
@@ -28,7 +28,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from wrpo_core import stages
+from wrpo_core import pipeline
 from wrpo_core.config import FusionConfig
 from wrpo_core.toy.paths import resolve_path, toy_fusion_parameters
 
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     flow(lambda: None, name="warm-up")()  # starts Prefect's temporary local API once
     api_start = time.perf_counter() - started
     with tempfile.TemporaryDirectory(prefix="wrpo-warm-up-") as tmp:  # first model loads etc., untimed
-        stages.run_pipeline(config("smallest", Path(tmp), "warm-up", "inline"), reuse=False)
+        pipeline.run_pipeline(config("smallest", Path(tmp), "warm-up", "inline"), reuse=False)
 
     times: dict[str, list[float]] = {"baseline": [], "prefect": [], "prefect+ray": []}
     with tempfile.TemporaryDirectory(prefix="wrpo-bench-") as tmp:
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.preset, Path(tmp) / name, f"r{repeat}", "ray" if "ray" in name else "inline"
                 )
                 if name == "baseline":
-                    seconds = timed(lambda c=cfg: stages.run_pipeline(c, reuse=False))
+                    seconds = timed(lambda c=cfg: pipeline.run_pipeline(c, reuse=False))
                 else:
                     seconds = timed(lambda c=cfg: fusion(c, reuse_other_runs=False))
                 times[name].append(seconds)

@@ -47,10 +47,11 @@ import pyarrow as pa
 import torch
 
 from wrpo_core.config import WRPOConfig, WRPOJobConfig
+from wrpo_core.models import load_causal_lm, load_tokenizer
 from wrpo_core.schemas import QUADRUPLES, write_parquet
 from wrpo_core.toy.tiny_models import build_tiny_llama, save_tiny_model
 from wrpo_core.toy.tokenizer import build_char_tokenizer
-from wrpo_core.train.common import METRICS_FILE, load_causal_lm, load_tokenizer
+from wrpo_core.train.metrics import METRICS_FILE
 from wrpo_core.train.wrpo import (
     WRPOTrainer,
     build_wrpo_trainer,

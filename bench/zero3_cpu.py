@@ -44,7 +44,8 @@ from wrpo_core.reference import REFERENCE_FILE
 from wrpo_core.schemas import QUADRUPLES, write_parquet
 from wrpo_core.toy.tiny_models import build_tiny_llama, save_tiny_model
 from wrpo_core.toy.tokenizer import build_char_tokenizer
-from wrpo_core.train.launch import TrainingJobError, launch_job, write_job_config
+from wrpo_core.train.jobs import TrainingJobError, write_job_config
+from wrpo_core.train.launch import launch_job
 
 ROOT = Path(__file__).resolve().parents[1]
 ZERO3 = str(ROOT / "infra" / "deepspeed" / "zero3.json")
@@ -84,7 +85,7 @@ def fixed_length_quadruples(rows: int, prompt_chars: int, response_chars: int, s
 
 def tokens_per_example(job: WRPOJobConfig) -> int:
     """Tokens one example feeds through the policy; fails unless every example has the same count."""
-    from wrpo_core.train.common import load_tokenizer
+    from wrpo_core.models import load_tokenizer
     from wrpo_core.train.wrpo import load_quadruples, tokenize_quadruples
 
     dataset, report = tokenize_quadruples(load_quadruples(job.data), load_tokenizer(job.model), job.training)

@@ -11,16 +11,17 @@ import argparse
 import sys
 
 from flows.fusion import fusion
-from wrpo_core import stages
+from tasks.blocks import load_block_options
 from wrpo_core.config import FusionConfig
 from wrpo_core.demo import run_demo
+from wrpo_core.pipeline import layout_for, load_summary
 
 
 def run_with_flow(cfg: FusionConfig) -> dict[str, dict]:
     """Runs the fusion flow on `cfg`; returns each stage's summary (read back from the manifests)."""
     result = fusion(cfg)
-    layout = stages.layout_for(cfg)
-    return {name: stages.load_summary(layout, name) for name in result["stages"]}
+    layout = layout_for(cfg, load_block=load_block_options)
+    return {name: load_summary(layout, name) for name in result["stages"]}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,11 +20,12 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.futures import wait
 
+from tasks.blocks import load_block_options
 from tasks.fusion import run_fusion_stage
 from tasks.report import publish_report
-from wrpo_core import stages
 from wrpo_core.config import FusionConfig, load_config
 from wrpo_core.fanout import shutdown_local_ray
+from wrpo_core.pipeline import layout_for, pipeline_stages
 from wrpo_core.registry import open_registry, registered_sources, with_registered_sources
 from wrpo_core.storage import is_secret_option
 
@@ -44,7 +45,9 @@ def effective_config(config: FusionConfig, use_source_registry: bool) -> FusionC
     """The config to run: with the registry's sources added (as a run of its own) when asked."""
     if not use_source_registry:
         return config
-    registry = open_registry(config.storage.url, config.storage.storage_options)
+    registry = open_registry(
+        config.storage.url, config.storage.storage_options, load_block=load_block_options
+    )
     return with_registered_sources(config, registered_sources(registry))
 
 
@@ -71,17 +74,19 @@ def fusion(
     logger = get_run_logger()
     check_no_secrets(config)
     if triggered_by_registry is not None:
-        own = open_registry(config.storage.url, config.storage.storage_options).display()
+        own = open_registry(
+            config.storage.url, config.storage.storage_options, load_block=load_block_options
+        ).display()
         if triggered_by_registry != own:
             logger.warning("event from registry %s, but this deployment fuses with %s: nothing to do",
                            triggered_by_registry, own)  # fmt: skip
             return {"run": None, "skipped": f"registry {triggered_by_registry} is not {own}"}
     cfg = effective_config(config, use_source_registry)
-    layout = stages.layout_for(cfg)
+    layout = layout_for(cfg, load_block=load_block_options)
     layout.storage.check()
     logger.info("run %s at %s with sources %s", cfg.run_name, layout.storage.display(),
                 [s.name for s in cfg.sources])  # fmt: skip
-    plan = stages.pipeline_stages(cfg, layout)
+    plan = pipeline_stages(cfg, layout)
     concurrent = cfg.compute.executor == "ray"
     futures: dict[str, Any] = {}
     previous: list[Any] = []

@@ -9,20 +9,15 @@ same settings and inputs are copied. A task therefore returns quickly with outco
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from wrpo_core import stages
+from tasks.blocks import load_block_options
 from wrpo_core.config import FusionConfig
-from wrpo_core.train.common import METRICS_FILE
-from wrpo_core.train.launch import MetricsTail
+from wrpo_core.pipeline import StageError, layout_for, pipeline_stage, run_pipeline_stage
 
 RETRIES = 2
 
@@ -31,32 +26,11 @@ def retry_unless_permanent(task: Any, task_run: Any, state: Any) -> bool:
     """Retry condition: not for a permanent StageError (bad config or data); yes for anything else."""
     try:
         state.result()
-    except stages.StageError as error:
+    except StageError as error:
         return not error.permanent
     except Exception:
         return True
     return True
-
-
-@contextlib.contextmanager
-def streamed_metrics(folder: Path, logger: Any, every_s: float = 2.0) -> Iterator[None]:
-    """Logs each new metrics.jsonl row of an in-process training run while it trains."""
-    tail, done = MetricsTail(folder / METRICS_FILE), threading.Event()
-
-    def pump() -> None:
-        while not done.wait(every_s):
-            for row in tail.read_new():
-                logger.info("metrics %s", row)
-        for row in tail.read_new():
-            logger.info("metrics %s", row)
-
-    thread = threading.Thread(target=pump, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join(timeout=10)
 
 
 @task(
@@ -69,16 +43,16 @@ def streamed_metrics(folder: Path, logger: Any, every_s: float = 2.0) -> Iterato
     retry_condition_fn=retry_unless_permanent,
 )
 def run_fusion_stage(config: FusionConfig, stage: str, reuse_other_runs: bool = True) -> dict[str, Any]:
-    """Runs one pipeline stage of the config's run (or skips / reuses it); returns its small summary."""
+    """Runs one pipeline stage of the config's run (or skips / reuses it); returns its small summary.
+
+    A training stage's log lines and per-step metrics rows go to this task run's log, whether it
+    trains in this process or launches a torchrun / Ray Train job.
+    """
     logger = get_run_logger()
-    layout = stages.layout_for(config)
+    layout = layout_for(config, load_block=load_block_options)
     on_metrics = lambda row: logger.info("metrics %s", row)  # noqa: E731
-    plan = stages.pipeline_stages(config, layout, on_log=logger.info, on_metrics=on_metrics)
-    step = next(s for s in plan if s.name == stage)
-    trains_here = stage in ("sft", "wrpo") and config.launch is None
-    folder = layout.model_dir(stages.TARGET_SFT if stage == "sft" else "wrpo")
-    with streamed_metrics(folder, logger) if trains_here else contextlib.nullcontext():
-        outcome, summary = stages.run_pipeline_stage(config, layout, step, reuse=reuse_other_runs)
+    step = pipeline_stage(config, layout, stage, on_log=logger.info, on_metrics=on_metrics)
+    outcome, summary = run_pipeline_stage(config, layout, step, reuse=reuse_other_runs)
     logger.info("stage %s: %s", stage, outcome)
     return {"stage": stage, "outcome": outcome, "summary": summary, "manifest": layout.storage.display(
         layout.manifest_key(stage))}  # fmt: skip

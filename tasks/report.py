@@ -8,8 +8,10 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from wrpo_core import report, stages
+from tasks.blocks import load_block_options
+from wrpo_core import report
 from wrpo_core.config import FusionConfig
+from wrpo_core.pipeline import layout_for
 from wrpo_core.plots import png_data_uri, training_curves_png
 
 SUMMARY_KEY = "wrpo-fusion-summary"
@@ -21,7 +23,7 @@ EVALUATION_KEY = "wrpo-fusion-evaluation"
 @task(name="publish-report", cache_policy=NO_CACHE)
 def publish_report(config: FusionConfig, results: dict[str, dict[str, Any]]) -> dict[str, str]:
     """Creates the run's artifacts (keys are stable, so the UI keeps their history across runs)."""
-    layout = stages.layout_for(config)
+    layout = layout_for(config, load_block=load_block_options)
     about = f"WRPO fusion run {config.run_name}"
     created = {
         "summary": str(create_markdown_artifact(report.summary_markdown(config, layout, results), key=SUMMARY_KEY,

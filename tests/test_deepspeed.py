@@ -23,21 +23,14 @@ from transformers import AutoModelForCausalLM
 from wrpo_core.cli import main
 from wrpo_core.config import ConfigError, LaunchConfig, SFTJobConfig, WRPOJobConfig, parse_config
 from wrpo_core.schemas import BEST_SOURCE, QUADRUPLES, write_parquet
-from wrpo_core.train.common import check_deepspeed_config, last_complete_checkpoint, trim_metrics
-from wrpo_core.train.launch import (
-    LAUNCHED_ENV,
-    LocalJob,
-    MetricsTail,
-    TrainingJobError,
-    job_error_text,
-    launch_job,
-    node_checkpoint,
-    prepare_local,
-    ray_error_text,
-    ray_trainer,
-    ray_worker_env,
-    torchrun_command,
-)
+from wrpo_core.train.checkpoints import last_complete_checkpoint
+from wrpo_core.train.common import check_deepspeed_config
+from wrpo_core.train.joblog import job_error_text
+from wrpo_core.train.jobs import LAUNCHED_ENV, TrainingJobError
+from wrpo_core.train.launch import launch_job
+from wrpo_core.train.metrics import MetricsTail, trim_metrics
+from wrpo_core.train.ray_train import node_checkpoint, ray_error_text, ray_trainer, ray_worker_env
+from wrpo_core.train.torchrun import LocalJob, prepare_local, torchrun_command
 from wrpo_core.train.wrpo import train_wrpo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,7 +149,7 @@ def test_torchrun_command_single_machine_and_multi_node():
     one = torchrun_command("wrpo", "job.yaml", LaunchConfig(nproc_per_node=2, master_port=29555))
     assert one[1:] == [
         "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1", "--master_addr=127.0.0.1",
-        "--master_port=29555", "-m", "wrpo_core.train.launch", "train", "wrpo", "--config", "job.yaml",
+        "--master_port=29555", "-m", "wrpo_core.train.worker", "train", "wrpo", "--config", "job.yaml",
     ]  # fmt: skip
     # No port set: torchrun's store binds port 0 itself, so no other process can take it first.
     free = torchrun_command("sft", "job.yaml", LaunchConfig(nproc_per_node=2), run_id="r0")

@@ -1,5 +1,6 @@
 """Ray fan-out: shards written once, reruns skip them, a dead actor's shard is retried, a killed run resumes."""
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -95,6 +96,52 @@ def test_dead_actor_shard_is_retried(local_ray, tmp_path, tiny_model_dir):
     assert (tmp_path / "died-once").exists()
     assert sorted(results) == [0, 1, 2]
     assert len(set(keys(read_shards(storage, shards, SAMPLES)))) == 12
+
+
+class AlwaysDies(SamplingWorker):
+    """Dies (the whole actor process) on every shard, as on a node that cannot open the model."""
+
+    def run(self, shard):
+        os._exit(1)
+
+
+def test_a_shard_that_kills_every_actor_fails_naming_the_shard_and_its_file(
+    local_ray, tmp_path, tiny_model_dir
+):
+    storage = Storage.open(str(tmp_path))
+    shards = plan_shards(2, 2, "samples/tiny")
+    actor = ray.remote(AlwaysDies).options(num_cpus=1, max_restarts=0)
+    started = []
+
+    def make_actor():
+        started.append(1)
+        return actor.remote(spec(tiny_model_dir), prompts_table(2), (str(tmp_path), {}), device="cpu")
+
+    with pytest.raises(RuntimeError) as failure:
+        run_shards(make_actor, storage, shards, lambda a, s: a.run.remote(s), num_actors=1, max_attempts=2,
+                   desc="sampling tiny")  # fmt: skip
+    message = str(failure.value)
+    assert message.startswith(
+        f"sampling tiny: shard 0 ({tmp_path}/samples/tiny/part-00000.parquet) failed on 2 "
+    )
+    assert "died" in message and len(started) == 2  # one fresh actor per attempt, no more
+    assert not (tmp_path / "samples").exists()  # nothing was written
+
+
+def test_actors_return_the_entries_of_the_files_they_wrote(local_ray, tmp_path, tiny_model_dir):
+    shards, results = sample_model(
+        spec(tiny_model_dir),
+        prompts_table(4),
+        (str(tmp_path), {}),
+        "samples/tiny",
+        ComputeConfig(),
+        shard_size=2,
+    )
+    for shard in shards:
+        data = (tmp_path / shard.out_key).read_bytes()
+        entry = results[shard.index]["file"]
+        assert entry["key"] == shard.out_key and entry["bytes"] == len(data)
+        assert entry["sha256"] == hashlib.sha256(data).hexdigest() and entry["rows"] == 4
 
 
 def test_killed_run_resumes_with_every_row_once(tmp_path, tiny_model_dir):

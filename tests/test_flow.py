@@ -9,7 +9,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 import flows.fusion
 from tasks.fusion import run_fusion_stage
-from wrpo_core import stages
+from wrpo_core.pipeline import data
 
 pytestmark = pytest.mark.integration
 
@@ -23,7 +23,7 @@ def no_retry_delay(monkeypatch):
 
 def test_a_transient_failure_is_retried_and_the_run_completes(fusion_config, monkeypatch, no_retry_delay):
     calls = []
-    real_split = stages.split
+    real_split = data.split
 
     def flaky_split(cfg, layout):
         calls.append(1)
@@ -31,7 +31,7 @@ def test_a_transient_failure_is_retried_and_the_run_completes(fusion_config, mon
             raise ConnectionResetError("storage endpoint dropped the connection")
         return real_split(cfg, layout)
 
-    monkeypatch.setattr(stages, "split", flaky_split)
+    monkeypatch.setattr(data, "split", flaky_split)
     result = flows.fusion.fusion(fusion_config)
     assert len(calls) == 2 and result["stages"]["split"] == "ran"
     assert result["model"].endswith("smoke/models/wrpo")
@@ -46,7 +46,7 @@ def test_a_permanent_failure_is_not_retried_and_names_stage_and_model(
         calls.append(spec.name)
         raise FileNotFoundError(f"{spec.path}/config.json: no such model")
 
-    monkeypatch.setattr(stages, "sample", broken_sample)
+    monkeypatch.setattr(data, "sample", broken_sample)
     state = flows.fusion.fusion(fusion_config, return_state=True)
     assert state.is_failed()
     assert calls == ["src-a"]  # not retried, and nothing after it ran

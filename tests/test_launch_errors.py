@@ -13,14 +13,9 @@ import textwrap
 
 import pytest
 
-from wrpo_core.train.launch import (
-    JobLogErrors,
-    TrainingJobError,
-    job_error_text,
-    last_words,
-    parse_root_cause,
-    run_subprocess,
-)
+from wrpo_core.train.joblog import JobLogErrors, job_error_text, last_words, parse_root_cause
+from wrpo_core.train.jobs import TrainingJobError
+from wrpo_core.train.torchrun import run_subprocess
 
 LAUNCHER_TRACEBACK = """\
 Traceback (most recent call last):
@@ -282,7 +277,7 @@ def test_exit_without_teardown_runs_atexit_flushes_and_keeps_the_exit_code():
     script = textwrap.dedent(
         """
         import atexit, sys
-        from wrpo_core.train.launch import exit_without_teardown
+        from wrpo_core.train.worker import exit_without_teardown
         atexit.register(lambda: print("atexit ran"))
         sys.stdout.write("buffered, no newline")
         exit_without_teardown(3)
@@ -300,7 +295,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from wrpo_core.train.launch import exit_without_teardown
+from wrpo_core.train.worker import exit_without_teardown
 
 dist.init_process_group("gloo")
 groups = [dist.new_group([0, 1]) for _ in range(6)]

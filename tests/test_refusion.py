@@ -1,5 +1,5 @@
 """Re-fusion without Prefect: stage settings keys, reuse of another run's samples, the source
-registry, the `toy-world:` paths, and the evaluation and register stages."""
+registry, the `toy-world:` paths, and the evaluation and register pipeline."""
 
 import json
 import subprocess
@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-from wrpo_core import registry, stages
+from wrpo_core import pipeline, registry
 from wrpo_core.config import FusionConfig, ModelSpec
+from wrpo_core.pipeline import data
 from wrpo_core.schemas import SAMPLES
 from wrpo_core.toy.paths import parse_toy_path, resolve_path, toy_fusion_parameters
 
@@ -18,11 +19,11 @@ def with_sources(cfg: FusionConfig, sources: list[ModelSpec]) -> FusionConfig:
 
 
 def test_an_added_source_reruns_selection_with_it_and_a_changed_source_resamples(fusion_config):
-    first = stages.run_pipeline(fusion_config)
-    layout = stages.layout_for(fusion_config)
+    first = pipeline.run_pipeline(fusion_config)
+    layout = pipeline.layout_for(fusion_config)
     sampled_at = layout.read_manifest("sample-src-a")["completed_at"]
     extra = fusion_config.sources[0].model_copy(update={"name": "src-c"})
-    again = stages.run_pipeline(with_sources(fusion_config, [*fusion_config.sources, extra]))
+    again = pipeline.run_pipeline(with_sources(fusion_config, [*fusion_config.sources, extra]))
     # The new source is sampled and y_ws is selected again over all three sources...
     assert sorted(row["model"] for row in again["select-source"]["per_model"]) == ["src-a", "src-b", "src-c"]
     assert again["sample-src-a"] == first["sample-src-a"]  # ...while the old ones are not resampled
@@ -31,7 +32,7 @@ def test_an_added_source_reruns_selection_with_it_and_a_changed_source_resamples
     # Other sampling settings for src-a: its samples (and everything downstream) are redone.
     sampling = fusion_config.sources[0].sampling.model_copy(update={"n": 2})
     changed = fusion_config.sources[0].model_copy(update={"sampling": sampling})
-    third = stages.run_pipeline(with_sources(fusion_config, [changed, fusion_config.sources[1]]))
+    third = pipeline.run_pipeline(with_sources(fusion_config, [changed, fusion_config.sources[1]]))
     assert third["sample-src-a"]["samples"] == 24 and first["sample-src-a"]["samples"] == 48
     assert third["score-src-a"]["scored"] == 24  # its scores followed
     assert third["sample-src-b"] == first["sample-src-b"]
@@ -40,44 +41,44 @@ def test_an_added_source_reruns_selection_with_it_and_a_changed_source_resamples
     # WRPO retrained with the same settings (its manifest lost): the new model is registered again.
     registered = layout.read_manifest("register")["inputs"]["models/wrpo"]
     (layout.storage.local_path("manifests") / "wrpo.json").unlink()
-    stages.run_pipeline(with_sources(fusion_config, [changed, fusion_config.sources[1]]))
+    pipeline.run_pipeline(with_sources(fusion_config, [changed, fusion_config.sources[1]]))
     assert layout.read_manifest("register")["inputs"]["models/wrpo"] != registered
 
 
 def test_manifests_from_before_settings_keys_count_as_current_only_for_the_same_config(fusion_config):
-    first = stages.run_pipeline(fusion_config)
-    layout = stages.layout_for(fusion_config)
+    first = pipeline.run_pipeline(fusion_config)
+    layout = pipeline.layout_for(fusion_config)
     for path in layout.storage.local_path("manifests").glob("*.json"):  # as written by an older version
         manifest = json.loads(path.read_text())
         path.write_text(json.dumps({k: v for k, v in manifest.items() if k != "stage_key"}))
-    assert stages.run_pipeline(fusion_config) == first  # nothing ran again
+    assert pipeline.run_pipeline(fusion_config) == first  # nothing ran again
     changed = fusion_config.model_copy(update={"wrpo": fusion_config.wrpo.model_copy(update={"beta": 0.5})})
-    again = stages.run_pipeline(changed)
+    again = pipeline.run_pipeline(changed)
     assert again["wrpo"] != first["wrpo"] and layout.read_manifest("ingest")["stage_key"]
 
 
 def test_a_new_run_reuses_the_samples_another_run_stored(fusion_config, monkeypatch):
-    stages.run_pipeline(fusion_config)
+    pipeline.run_pipeline(fusion_config)
     sampled = []
-    real_sample = stages.sample
+    real_sample = data.sample
     monkeypatch.setattr(
-        stages, "sample", lambda spec, *a, **k: sampled.append(spec.name) or real_sample(spec, *a, **k)
+        data, "sample", lambda spec, *a, **k: sampled.append(spec.name) or real_sample(spec, *a, **k)
     )
     extra = fusion_config.sources[0].model_copy(update={"name": "src-c"})
     refusion = registry.with_registered_sources(fusion_config, [extra])
     assert refusion.run_name.startswith("smoke-sources-") and len(refusion.sources) == 3
 
-    summaries = stages.run_pipeline(refusion)
-    assert sampled == ["src-c", stages.TARGET_SFT]  # the old sources' samples were copied, not sampled
-    new, old = stages.layout_for(refusion), stages.layout_for(fusion_config)
+    summaries = pipeline.run_pipeline(refusion)
+    assert sampled == ["src-c", pipeline.TARGET_SFT]  # the old sources' samples were copied, not sampled
+    new, old = pipeline.layout_for(refusion), pipeline.layout_for(fusion_config)
     assert new.read_manifest("sample-src-a")["reused_from"] == old.storage.display()
     same = [new.read_dataset(new.samples("src-a"), SAMPLES), old.read_dataset(old.samples("src-a"), SAMPLES)]
     assert same[0].equals(same[1])
     assert summaries["select-source"]["per_model"][2]["model"] == "src-c"
     # The same registered sources resume the same run: nothing runs again.
-    monkeypatch.setattr(stages, "sample", lambda *a, **k: pytest.fail("sampled again"))
+    monkeypatch.setattr(data, "sample", lambda *a, **k: pytest.fail("sampled again"))
     assert (
-        stages.run_pipeline(registry.with_registered_sources(fusion_config, [extra]))["register"]["run"]
+        pipeline.run_pipeline(registry.with_registered_sources(fusion_config, [extra]))["register"]["run"]
         == (summaries["register"]["run"])
     )
 
@@ -155,7 +156,7 @@ def test_evaluation_judges_the_fused_model_and_exports_alpaca_eval(fusion_config
     cfg = FusionConfig.model_validate(
         {**data, "evaluation": {"prompts": {"path": str(held_out)}, "max_new_tokens": 4}}
     )
-    summaries = stages.run_pipeline(cfg)
+    summaries = pipeline.run_pipeline(cfg)
     evaluation = summaries["evaluate"]
     assert evaluation["prompts"] == 3 and sorted(evaluation["win_rates"]) == ["target", "target-sft"]
     for rates in evaluation["win_rates"].values():
@@ -177,10 +178,10 @@ def test_training_stages_launched_as_torchrun_jobs_stream_logs_and_metrics(fusio
     cfg = FusionConfig.model_validate(
         {**fusion_config.model_dump(mode="json"), "launch": {"launcher": "local"}}
     )
-    layout = stages.layout_for(cfg)
+    layout = pipeline.layout_for(cfg)
     lines, rows = [], []
-    plan = stages.pipeline_stages(cfg, layout, on_log=lines.append, on_metrics=rows.append)
-    summaries = {s.name: stages.run_pipeline_stage(cfg, layout, s, reuse=False)[1] for s in plan}
+    plan = pipeline.pipeline_stages(cfg, layout, on_log=lines.append, on_metrics=rows.append)
+    summaries = {s.name: pipeline.run_pipeline_stage(cfg, layout, s, reuse=False)[1] for s in plan}
     assert summaries["sft"]["model"].endswith("models/target-sft") and "train_loss" in summaries["wrpo"]
     assert any("train_runtime" in line for line in lines)  # the job's own output
     assert {row["step"] for row in rows if "loss" in row} >= {1, 2}  # per-step metrics of both jobs

@@ -8,10 +8,11 @@ import pyarrow.compute as pc
 import pytest
 from s3server import S3Server
 
-from wrpo_core import stages
+from wrpo_core import pipeline
 from wrpo_core.config import FusionConfig
-from wrpo_core.schemas import BEST_SOURCE, QUADRUPLES, SAMPLES
-from wrpo_core.storage import ManifestError, StorageError
+from wrpo_core.pipeline import data, publishing, training
+from wrpo_core.schemas import BEST_SOURCE, PROMPTS, QUADRUPLES, SAMPLES
+from wrpo_core.storage import ManifestError, RunLayout, StorageError
 
 
 def s3_config(cfg: FusionConfig, prefix: str, options: dict) -> FusionConfig:
@@ -20,7 +21,7 @@ def s3_config(cfg: FusionConfig, prefix: str, options: dict) -> FusionConfig:
     )
 
 
-def assert_quadruples_once(layout: stages.RunLayout, summaries: dict) -> pa.Table:
+def assert_quadruples_once(layout: RunLayout, summaries: dict) -> pa.Table:
     """The final data: one quadruple per kept preference prompt, each exactly once."""
     quadruples = layout.read_dataset(layout.quadruples, QUADRUPLES)
     assert quadruples.num_rows == summaries["select-target"]["rows_out"] > 0
@@ -29,10 +30,10 @@ def assert_quadruples_once(layout: stages.RunLayout, summaries: dict) -> pa.Tabl
 
 
 def test_pipeline_runs_every_stage_then_resumes(fusion_config, tmp_path, monkeypatch):
-    summaries = stages.run_pipeline(fusion_config)
-    layout = stages.layout_for(fusion_config)
+    summaries = pipeline.run_pipeline(fusion_config)
+    layout = pipeline.layout_for(fusion_config)
     assert layout.root == str(tmp_path / "runs" / "smoke")
-    names = [stage.name for stage in stages.pipeline_stages(fusion_config, layout)]
+    names = [stage.name for stage in pipeline.pipeline_stages(fusion_config, layout)]
     assert list(summaries) == names
     assert summaries["ingest"]["prompts"] == 12
     assert summaries["split"] == {"sft": 4, "preference": 8}
@@ -54,7 +55,7 @@ def test_pipeline_runs_every_stage_then_resumes(fusion_config, tmp_path, monkeyp
     assert dataset["schema"] == "SAMPLES" and dataset["rows"] == 48
     assert [f["key"] for f in dataset["files"]] == ["samples/src-a/part-00000.parquet"]
     assert sample_manifest["inputs"].keys() == {"prompts/all"}
-    assert sample_manifest["config_hash"] == stages.config_hash(fusion_config)
+    assert sample_manifest["config_hash"] == pipeline.config_hash(fusion_config)
     assert sample_manifest["code_version"]["version"]
     wrpo_files = {f["key"] for f in layout.read_manifest("wrpo")["models"]["models/wrpo"]["files"]}
     assert {"models/wrpo/model.safetensors", "models/wrpo/README.md"} <= wrpo_files
@@ -71,32 +72,38 @@ def test_pipeline_runs_every_stage_then_resumes(fusion_config, tmp_path, monkeyp
     def fail(*args, **kwargs):
         raise AssertionError("a finished stage ran again")
 
-    for stage in ("ingest", "sample", "score", "sft", "wrpo"):
-        monkeypatch.setattr(stages, stage, fail)
-    assert stages.run_pipeline(fusion_config) == summaries
+    for module, stage in (
+        (data, "ingest"),
+        (data, "sample"),
+        (data, "score"),
+        (training, "sft"),
+        (training, "wrpo"),
+    ):
+        monkeypatch.setattr(module, stage, fail)
+    assert pipeline.run_pipeline(fusion_config) == summaries
 
     # A stage whose manifest is missing (the process died before writing it) runs again, alone.
     (run / "manifests" / "wrpo.json").unlink()
-    monkeypatch.setattr(stages, "wrpo", lambda cfg, lay, **hooks: {"rerun": True})
-    monkeypatch.setattr(stages, "register", lambda cfg, lay: {"registered": "the stub model"})
-    assert stages.run_pipeline(fusion_config)["wrpo"] == {"rerun": True}
+    monkeypatch.setattr(training, "wrpo", lambda cfg, lay, **hooks: {"rerun": True})
+    monkeypatch.setattr(publishing, "register", lambda cfg, lay: {"registered": "the stub model"})
+    assert pipeline.run_pipeline(fusion_config)["wrpo"] == {"rerun": True}
 
 
 def test_stage_killed_before_its_manifest_is_redone_and_its_leftovers_never_read(
     fusion_config, tmp_path, monkeypatch
 ):
-    layout = stages.layout_for(fusion_config)
-    real_commit = stages.RunLayout.commit
+    layout = pipeline.layout_for(fusion_config)
+    real_commit = RunLayout.commit
 
     def die_before_manifest(self, stage, summary, **kwargs):
         if stage == "select-source":
             raise KeyboardInterrupt("killed between the data files and the manifest")
         return real_commit(self, stage, summary, **kwargs)
 
-    monkeypatch.setattr(stages.RunLayout, "commit", die_before_manifest)
+    monkeypatch.setattr(RunLayout, "commit", die_before_manifest)
     with pytest.raises(KeyboardInterrupt):
-        stages.run_pipeline(fusion_config)
-    monkeypatch.setattr(stages.RunLayout, "commit", real_commit)
+        pipeline.run_pipeline(fusion_config)
+    monkeypatch.setattr(RunLayout, "commit", real_commit)
     folder = tmp_path / "runs" / "smoke" / "selection" / "best_source"
     assert (folder / "part-00000.parquet").exists() and not layout.is_done("select-source")
     # Nothing downstream can read the unfinished stage's data.
@@ -104,7 +111,7 @@ def test_stage_killed_before_its_manifest_is_redone_and_its_leftovers_never_read
         layout.read_dataset(layout.best_source, BEST_SOURCE)
 
     # Leftovers of the crashed attempt: a poisoned extra partition and a torn file.
-    poison = layout.read_dataset(layout.prompts, stages.PROMPTS).slice(0, 1)
+    poison = layout.read_dataset(layout.prompts, PROMPTS).slice(0, 1)
     poison_row = pa.table({"prompt_id": poison["prompt_id"], "prompt": poison["prompt"], "y_ws": ["POISON"],
                            "y_ws_model": ["poison"], "y_ws_sample_index": pa.array([0], pa.int32()),
                            "y_ws_score": [99.0]})  # fmt: skip
@@ -112,9 +119,9 @@ def test_stage_killed_before_its_manifest_is_redone_and_its_leftovers_never_read
     (folder / "part-00003.parquet").write_bytes(b"PAR1 torn")
 
     ran = []
-    real_select = stages.select_source
-    monkeypatch.setattr(stages, "select_source", lambda cfg, lay: ran.append(1) or real_select(cfg, lay))
-    summaries = stages.run_pipeline(fusion_config)
+    real_select = data.select_source
+    monkeypatch.setattr(data, "select_source", lambda cfg, lay: ran.append(1) or real_select(cfg, lay))
+    summaries = pipeline.run_pipeline(fusion_config)
     assert ran == [1]  # the stage was redone ...
     best = layout.read_dataset(layout.best_source, BEST_SOURCE)
     assert "POISON" not in best["y_ws"].to_pylist() and best.num_rows == 12  # ... from its own files only
@@ -126,15 +133,15 @@ def test_stage_killed_before_its_manifest_is_redone_and_its_leftovers_never_read
 def test_run_name_cannot_leave_the_storage_root(fusion_config):
     for bad in ("../elsewhere", "a/../../b", "/etc", "s3://other-bucket/x"):
         with pytest.raises(StorageError, match="not allowed"):
-            stages.layout_for(fusion_config.model_copy(update={"run_name": bad}))
+            pipeline.layout_for(fusion_config.model_copy(update={"run_name": bad}))
 
 
 @pytest.mark.integration
 def test_pipeline_end_to_end_on_s3(fusion_config, s3_server, s3_prefix, tmp_path, monkeypatch):
     monkeypatch.setenv("WRPO_CACHE", str(tmp_path / "cache"))
     cfg = s3_config(fusion_config, s3_prefix, s3_server.storage_options())
-    summaries = stages.run_pipeline(cfg)
-    layout = stages.layout_for(cfg)
+    summaries = pipeline.run_pipeline(cfg)
+    layout = pipeline.layout_for(cfg)
     assert layout.root == f"{s3_prefix}/smoke"
     assert_quadruples_once(layout, summaries)
     assert not (tmp_path / "runs").exists()  # nothing went to the local default
@@ -147,9 +154,9 @@ def test_pipeline_end_to_end_on_s3(fusion_config, s3_server, s3_prefix, tmp_path
     assert "secret: '***'" in card and s3_server.endpoint in card
 
     # Another machine (a fresh cache) resumes from storage alone, downloading Target-SFT only when needed.
-    other = stages.layout_for(cfg, cache_dir=tmp_path / "other-cache")
+    other = pipeline.layout_for(cfg, cache_dir=tmp_path / "other-cache")
     other.storage.delete([other.manifest_key("wrpo")])
-    resumed = stages.run_pipeline(cfg, layout=other)
+    resumed = pipeline.run_pipeline(cfg, layout=other)
     assert [k for k in resumed if resumed[k] != summaries[k]] == [
         "wrpo",
         "register",
@@ -166,7 +173,7 @@ def test_s3_server_killed_during_a_stage_then_rerun_completes_with_every_row_onc
         monkeypatch.setenv("WRPO_CACHE", str(tmp_path / "cache"))
         options = server.storage_options(max_attempts=1)  # no retries against the dead server: fail at once
         cfg = s3_config(fusion_config, f"s3://{server.bucket}/crash", options)
-        layout = stages.layout_for(cfg, max_rows_per_file=8)  # 48 samples -> 6 partitions
+        layout = pipeline.layout_for(cfg, max_rows_per_file=8)  # 48 samples -> 6 partitions
         written = []
         real_write_table = type(layout.storage).write_table
 
@@ -179,8 +186,8 @@ def test_s3_server_killed_during_a_stage_then_rerun_completes_with_every_row_onc
             return entry
 
         monkeypatch.setattr(type(layout.storage), "write_table", write_then_crash)
-        with pytest.raises(stages.StageError, match=r"stage sample-src-a \(model src-a\) failed") as error:
-            stages.run_pipeline(cfg, layout=layout)
+        with pytest.raises(pipeline.StageError, match=r"stage sample-src-a \(model src-a\) failed") as error:
+            pipeline.run_pipeline(cfg, layout=layout)
         assert isinstance(error.value.__cause__, StorageError) and not error.value.permanent
         message = str(error.value.__cause__)
         assert re.search(r"^cannot write s3://wrpo/crash/smoke/samples/src-a/part-0000\d\.parquet: ", message)
@@ -188,7 +195,7 @@ def test_s3_server_killed_during_a_stage_then_rerun_completes_with_every_row_onc
 
         server.start()  # restart on the same data folder
         assert layout.is_done("ingest") and not layout.is_done("sample-src-a")
-        summaries = stages.run_pipeline(cfg, layout=layout)
+        summaries = pipeline.run_pipeline(cfg, layout=layout)
         samples = layout.read_dataset(layout.samples("src-a"), SAMPLES)
         keys = pc.binary_join_element_wise(
             samples["prompt_id"], pc.cast(samples["sample_index"], pa.string()), "/"
@@ -204,13 +211,13 @@ def test_s3_server_killed_during_a_stage_then_rerun_completes_with_every_row_onc
 def test_pipeline_fanned_out_on_ray_matches_inline_and_adds_one_source_incrementally(fusion_config, tmp_path):
     """The same run on Ray actors (shards) gives the same samples as inline; a new source samples alone."""
     ray = pytest.importorskip("ray")
-    inline = stages.run_pipeline(fusion_config.model_copy(update={"run_name": "inline"}))
+    inline = pipeline.run_pipeline(fusion_config.model_copy(update={"run_name": "inline"}))
     compute = fusion_config.compute.model_copy(update={"executor": "ray", "shard_size": 5, "num_actors": 2})
     on_ray_cfg = fusion_config.model_copy(update={"run_name": "ray", "compute": compute})
     try:
-        on_ray = stages.run_pipeline(on_ray_cfg, reuse=False)  # sample on Ray, not copy the inline run's
-        layout = stages.layout_for(on_ray_cfg)
-        inline_layout = stages.layout_for(fusion_config.model_copy(update={"run_name": "inline"}))
+        on_ray = pipeline.run_pipeline(on_ray_cfg, reuse=False)  # sample on Ray, not copy the inline run's
+        layout = pipeline.layout_for(on_ray_cfg)
+        inline_layout = pipeline.layout_for(fusion_config.model_copy(update={"run_name": "inline"}))
         assert on_ray["sample-src-a"]["shards"] == 3  # 12 prompts in shards of 5
         for model in ("src-a", "src-b"):
             a = inline_layout.read_dataset(inline_layout.samples(model), SAMPLES).sort_by("seed")
@@ -222,13 +229,13 @@ def test_pipeline_fanned_out_on_ray_matches_inline_and_adds_one_source_increment
 
         # Register a third source: only it is sampled and scored; stored samples are reused.
         sources = [*on_ray_cfg.sources, on_ray_cfg.sources[0].model_copy(update={"name": "src-c"})]
-        again = stages.run_pipeline(on_ray_cfg.model_copy(update={"sources": sources}), reuse=False)
+        again = pipeline.run_pipeline(on_ray_cfg.model_copy(update={"sources": sources}), reuse=False)
         assert again["sample-src-c"]["shards_run_now"] == 3
         assert again["sample-src-a"] == on_ray["sample-src-a"]  # not rerun
 
         # Fewer samples of src-a: its shards (tagged with their settings) and its scores are redone.
         fewer = sources[0].model_copy(update={"sampling": sources[0].sampling.model_copy(update={"n": 2})})
-        third = stages.run_pipeline(
+        third = pipeline.run_pipeline(
             on_ray_cfg.model_copy(update={"sources": [fewer, *sources[1:]]}), reuse=False
         )
         assert third["sample-src-a"]["shards_run_now"] == 3 and third["sample-src-a"]["samples"] == 24

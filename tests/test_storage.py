@@ -16,7 +16,6 @@ from wrpo_core.storage import (
     RunLayout,
     Storage,
     StorageError,
-    _block_options,
     redact,
     redact_options,
     resolve_storage_options,
@@ -133,12 +132,17 @@ def test_prefect_blocks_provide_storage_options(monkeypatch):
     from prefect.blocks.system import Secret
     from prefect.filesystems import RemoteFileSystem
 
+    from tasks.blocks import block_options as _block_options
+    from tasks.blocks import load_block_options
+
     remote = RemoteFileSystem(basepath="s3://b", settings={"key": "k", "secret": "block-secret"})
     assert _block_options(remote) == {"key": "k", "secret": "block-secret"}
     assert _block_options(Secret(value={"secret": "s2"})) == {"secret": "s2"}
     loaded = []
     monkeypatch.setattr(Block, "load", classmethod(lambda cls, name: loaded.append(name) or remote))
-    options = resolve_storage_options("s3://b/p", {"prefect_block": "remote-file-system/wrpo", "key": "mine"})
+    options = resolve_storage_options(
+        "s3://b/p", {"prefect_block": "remote-file-system/wrpo", "key": "mine"}, load_block=load_block_options
+    )
     assert loaded == ["remote-file-system/wrpo"] and prefect
     assert options["secret"] == "block-secret" and options["key"] == "mine"  # config wins over the block
 
@@ -196,6 +200,25 @@ def test_written_data_is_readable_by_pyarrow_datasets_and_pandas(layout, tmp_pat
     assert loaded.num_rows == 10 and loaded.features["sample_index"].dtype == "int32"
     frame = pd.concat([pd.read_parquet(url, storage_options=options() or None) for url in urls])
     assert len(frame) == 10 and list(frame.columns) == SAMPLES.names
+
+
+def test_files_written_elsewhere_are_listed_from_their_writers_entries_without_reading_them(
+    layout, monkeypatch
+):
+    """Fan-out shards: the entry a worker returned is trusted as written; a bare key is read once."""
+    written = [layout.storage.write_table(f"samples/m/part-0000{i}.parquet", samples_table(3), SAMPLES)
+               for i in range(2)]  # fmt: skip
+    reads = []
+    real_read = layout.storage.read_bytes
+    monkeypatch.setattr(layout.storage, "read_bytes", lambda key: reads.append(key) or real_read(key))
+    entry = layout.register_dataset("samples/m", SAMPLES, [written[0], written[1]["key"]])
+    assert reads == [written[1]["key"]]  # only the shard given by its key alone
+    assert entry["files"] == written and entry["rows"] == 6
+    with pytest.raises(StorageError, match="not inside the dataset folder"):
+        layout.register_dataset("samples/other", SAMPLES, [written[0]])
+    layout.commit("sample-m", {})
+    monkeypatch.undo()
+    assert layout.read_dataset("samples/m", SAMPLES).num_rows == 6  # the entries' sha256 match the files
 
 
 def test_unfinished_stage_changed_file_and_other_schema_are_errors(layout):

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from wrpo_core.toy import world as world_module
+from wrpo_core.toy import world_data, world_eval
 from wrpo_core.toy.skills import SKILLS, make_prompts
 from wrpo_core.toy.world import (
     MANIFEST,
@@ -75,7 +76,7 @@ def test_eval_dev_and_train_prompts_are_disjoint_and_balanced() -> None:
     config = WorldConfig.model_validate(
         {"data": {"eval_per_skill": 20, "dev_per_skill": 10, "train_per_skill": 50}}
     )
-    blocks = world_module._split_rows(config)
+    blocks = world_data._split_rows(config)
     prompts = {name: {row["prompt"] for row in rows} for name, rows in blocks.items()}
     assert not prompts["eval"] & prompts["dev"]
     assert not prompts["eval"] & prompts["train"]
@@ -85,7 +86,7 @@ def test_eval_dev_and_train_prompts_are_disjoint_and_balanced() -> None:
         assert {skill: skills.count(skill) for skill in config.skills()} == dict.fromkeys(
             config.skills(), per_skill
         )
-    assert world_module._eval_rows(config) == blocks["eval"]
+    assert world_data._eval_rows(config) == blocks["eval"]
 
 
 def test_cache_key_depends_on_config() -> None:
@@ -213,7 +214,7 @@ def test_evaluate_exact_scores_exact_answers(small_world: World, monkeypatch: py
     def fake(model: object, tokenizer: object, prompts: list[str], **kwargs: object) -> list[str]:
         return [" x " if p == wrong else f" {answers[p]}\n" for p in prompts]
 
-    monkeypatch.setattr(world_module, "greedy_responses", fake)
+    monkeypatch.setattr(world_eval, "greedy_responses", fake)
     accuracy = evaluate_exact(small_world.target, [row["prompt"] for row in rows])
     assert accuracy == {"upper": pytest.approx(2 / 3), "sort_digits": 1.0}
 

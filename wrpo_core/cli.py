@@ -10,6 +10,9 @@ wrpo demo [--out DIR]                     # the whole pipeline offline on tiny m
 wrpo run --config fusion.yaml [--registry] # the fusion pipeline in this process (no Prefect)
 wrpo sources add NAME PATH [--storage URL] # register a source model (emits a Prefect event)
 wrpo sources list|remove NAME [--storage URL]
+
+The installed `wrpo` command is `flows.cli:main`: this CLI with the Prefect layer's `CliHooks`
+(registry events, Prefect-block credentials) plugged in; `python -m wrpo_core.cli` runs it without.
 """
 
 from __future__ import annotations
@@ -19,18 +22,37 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from wrpo_core.config import ConfigError, FusionConfig, SFTJobConfig, WRPOJobConfig, load_config
 from wrpo_core.registry import RegistryError
 from wrpo_core.schemas import DataError
-from wrpo_core.train.launch import TrainingJobError, inside_launched_job, launch_job, train_in_process
+from wrpo_core.storage import BlockLoader
+from wrpo_core.train.jobs import TrainingJobError, inside_launched_job, store_reference, train_in_process
+from wrpo_core.train.launch import launch_job
 
 
 class CommandError(RuntimeError):
     """A command that failed for a reason its message explains (e.g. a pipeline stage)."""
 
 
-def _train(args: argparse.Namespace) -> dict:
+RegistryEventSender = Callable[[str, str, str, str, int], Any]
+"""Sends a registry change (action, source name, path, registry URL, version); returns the event."""
+
+
+@dataclass(frozen=True)
+class CliHooks:
+    """What the orchestration layer plugs into the CLI; wrpo_core itself never imports Prefect."""
+
+    load_block: BlockLoader | None = None
+    """Reads the storage options of a Prefect block (storage option `prefect_block`)."""
+    send_registry_event: RegistryEventSender | None = None
+    """Emits `wrpo.source.<action>` so the re-fusion deployment's trigger starts a run."""
+
+
+def _train(args: argparse.Namespace, hooks: CliHooks) -> dict:
     job = load_config(args.config, SFTJobConfig if args.stage == "sft" else WRPOJobConfig)
     if job.launch is None or inside_launched_job():
         return train_in_process(args.stage, job)
@@ -40,29 +62,27 @@ def _train(args: argparse.Namespace) -> dict:
     return result.summary
 
 
-def _reference(args: argparse.Namespace) -> dict:
+def _reference(args: argparse.Namespace, hooks: CliHooks) -> dict:
     from wrpo_core.reference import REFERENCE_FILE
-    from wrpo_core.train.common import load_tokenizer
-    from wrpo_core.train.wrpo import load_quadruples, prepare_reference
 
     job = load_config(args.config, WRPOJobConfig)
     if not job.training.precompute_reference:
         raise ConfigError(f"{args.config}: training.precompute_reference is false; nothing to precompute")
-    logps = prepare_reference(job, load_quadruples(job.data), load_tokenizer(job.model))
+    logps = store_reference(job)
     return {"rows": len(logps), "stored": f"{job.output_dir}/{REFERENCE_FILE}"}
 
 
-def _config_check(args: argparse.Namespace) -> dict:
+def _config_check(args: argparse.Namespace, hooks: CliHooks) -> dict:
     cfg = load_config(args.file, FusionConfig)
     return {"ok": True, "sources": [s.name for s in cfg.sources], "target": cfg.target.name}
 
 
-def _config_json(args: argparse.Namespace) -> None:
+def _config_json(args: argparse.Namespace, hooks: CliHooks) -> None:
     """Prints the validated config as one line of JSON (for `prefect deployment run --param config=...`)."""
     print(load_config(args.file, FusionConfig).model_dump_json(exclude_defaults=True))
 
 
-def _export(args: argparse.Namespace) -> dict:
+def _export(args: argparse.Namespace, hooks: CliHooks) -> dict:
     from wrpo_core.formats import to_authors_records, to_trl_records, write_jsonl
     from wrpo_core.schemas import QUADRUPLES, read_parquet
 
@@ -72,41 +92,44 @@ def _export(args: argparse.Namespace) -> dict:
     return {"rows": len(records), "out": args.out, "format": args.to}
 
 
-def _demo(args: argparse.Namespace) -> dict:
+def _demo(args: argparse.Namespace, hooks: CliHooks) -> dict:
     from wrpo_core.demo import run_demo
 
     return run_demo(args.out, quick=args.quick)
 
 
-def _run(args: argparse.Namespace) -> dict:
+def _run(args: argparse.Namespace, hooks: CliHooks) -> dict:
+    from wrpo_core.pipeline import StageError, layout_for, run_pipeline
     from wrpo_core.registry import open_registry, registered_sources, with_registered_sources
-    from wrpo_core.stages import StageError, layout_for, run_pipeline
 
     cfg = load_config(args.config, FusionConfig)
     if args.registry:
-        registry = open_registry(cfg.storage.url, cfg.storage.storage_options)
+        registry = open_registry(cfg.storage.url, cfg.storage.storage_options, load_block=hooks.load_block)
         cfg = with_registered_sources(cfg, registered_sources(registry))
+    layout = layout_for(cfg, load_block=hooks.load_block)
     try:
-        summaries = run_pipeline(cfg)
+        summaries = run_pipeline(cfg, layout=layout)
     except StageError as error:
         raise CommandError(str(error)) from error
     return {
-        "run": layout_for(cfg).storage.display(),
+        "run": layout.storage.display(),
         "stages": list(summaries),
         "register": summaries["register"],
     }
 
 
-def _registry_storage(args: argparse.Namespace):
+def _registry_storage(args: argparse.Namespace, hooks: CliHooks):
     from wrpo_core.registry import open_registry
 
     if args.config:
         cfg = load_config(args.config, FusionConfig)
-        return open_registry(cfg.storage.url, cfg.storage.storage_options)
-    return open_registry(args.storage)
+        return open_registry(cfg.storage.url, cfg.storage.storage_options, load_block=hooks.load_block)
+    return open_registry(args.storage, load_block=hooks.load_block)
 
 
-def _notify(args: argparse.Namespace, action: str, name: str, path: str, storage, version: int) -> str:
+def _notify(
+    args: argparse.Namespace, hooks: CliHooks, action: str, name: str, path: str, storage, version: int
+) -> str:
     """Emits the registry event to Prefect (per --event); returns what happened, for the output."""
     if args.event == "never":
         return "not sent (--event never)"
@@ -114,15 +137,18 @@ def _notify(args: argparse.Namespace, action: str, name: str, path: str, storage
         if args.event == "auto":
             return "not sent: PREFECT_API_URL is not set (a scheduled re-fusion picks the change up)"
         raise CommandError(f"registry updated (version {version}), but --event always needs PREFECT_API_URL")
+    if hooks.send_registry_event is None:
+        raise CommandError(
+            f"registry updated (version {version}), but this command cannot send Prefect events: use the "
+            "installed `wrpo` command (flows.cli), which plugs in the Prefect layer"
+        )
     try:
-        from flows.events import emit_registry_event  # the orchestration layer: Prefect is imported there
+        event = hooks.send_registry_event(action, name, path, storage.display(), version)
     except ImportError as error:
         raise CommandError(
             f"registry updated (version {version}), but the event needs Prefect: {error}; "
             "pip install 'wrpo-fusion[orchestration]'"
         ) from error
-    try:
-        event = emit_registry_event(action, name, path, storage.display(), version)
     except Exception as error:
         raise CommandError(
             f"registry updated (version {version}), but the event was not sent: {error}. Start the "
@@ -131,11 +157,11 @@ def _notify(args: argparse.Namespace, action: str, name: str, path: str, storage
     return f"sent {event.event} ({event.id})"
 
 
-def _sources(args: argparse.Namespace) -> dict:
+def _sources(args: argparse.Namespace, hooks: CliHooks) -> dict:
     from wrpo_core.config import ModelSpec
     from wrpo_core.registry import add_source, read_sources, remove_source
 
-    storage = _registry_storage(args)
+    storage = _registry_storage(args, hooks)
     if args.sources_command == "list":
         document = read_sources(storage)
         return {"registry": storage.display(), "version": document["version"], "sources": document["sources"]}
@@ -155,10 +181,10 @@ def _sources(args: argparse.Namespace) -> dict:
             }
         )
         document = add_source(storage, spec, replace=args.replace)
-        event = _notify(args, "added", spec.name, spec.path, storage, document["version"])
+        event = _notify(args, hooks, "added", spec.name, spec.path, storage, document["version"])
     else:
         document = remove_source(storage, args.name)
-        event = _notify(args, "removed", args.name, "", storage, document["version"])
+        event = _notify(args, hooks, "removed", args.name, "", storage, document["version"])
     return {"registry": storage.display(), "version": document["version"], "event": event,
             "sources": [s["name"] for s in document["sources"]]}  # fmt: skip
 
@@ -230,8 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `wrpo` console script."""
+def main(argv: list[str] | None = None, *, hooks: CliHooks | None = None) -> int:
+    """Runs one `wrpo` command; `hooks` plug in the orchestration layer (see `CliHooks`)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -239,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        result = args.handler(args)
+        result = args.handler(args, hooks or CliHooks())
     except (ConfigError, DataError, RegistryError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

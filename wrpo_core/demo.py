@@ -16,10 +16,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from wrpo_core import stages
 from wrpo_core.config import FusionConfig
 from wrpo_core.evaluation import evaluate_model
-from wrpo_core.reference import REFERENCE_FILE
+from wrpo_core.pipeline import (
+    DPO_BASELINE,
+    FUSED,
+    TARGET_SFT,
+    dpo_baseline_stage,
+    layout_for,
+    run_pipeline,
+    run_pipeline_stage,
+)
 from wrpo_core.rewards import ToyVerifierScorer
 from wrpo_core.toy.paths import default_cache_dir, demo_settings, toy_config_data, toy_prompts
 from wrpo_core.toy.world import build_world
@@ -53,7 +60,7 @@ def _write_prompts(path: Path, rows: list[dict]) -> None:
 
 
 Runner = Callable[[FusionConfig], dict[str, dict]]
-"""Runs a fusion config's pipeline and returns each stage's summary (default: stages.run_pipeline)."""
+"""Runs a fusion config's pipeline and returns each stage's summary (default: pipeline.run_pipeline)."""
 
 
 def run_toy_fusion(
@@ -64,7 +71,7 @@ def run_toy_fusion(
     *,
     held_out: list[dict] | None = None,
     executor: str = "inline",
-    runner: Runner = stages.run_pipeline,
+    runner: Runner = run_pipeline,
 ) -> tuple[dict[str, str], dict]:
     """Runs the production stages on the toy world plus the DPO baseline; returns model paths and summaries."""
     prompts_path = out / "prompts.jsonl"
@@ -74,19 +81,15 @@ def run_toy_fusion(
         held_out_path = out / "held-out.jsonl"
         _write_prompts(held_out_path, held_out)
     cfg = fusion_config(world, prompts_path, out, settings, held_out_path=held_out_path, executor=executor)
-    layout = stages.layout_for(cfg)
+    layout = layout_for(cfg)
     summaries = runner(cfg)
-    if not stages.is_done(layout, "dpo"):
-        # DPO = WRPO at alpha 0, on the same quadruples and stored reference log-probs.
-        dpo_training = cfg.wrpo.model_copy(update={"alpha": 0.0})
-        data = f"{layout.model('wrpo')}/{REFERENCE_FILE}"
-        summary = stages.wrpo(cfg, layout, name="dpo", training=dpo_training, data=data)
-        summaries["dpo"] = stages.mark_done(layout, "dpo", summary)
+    # DPO = WRPO at alpha 0, on the same quadruples and stored reference log-probs: one more stage.
+    summaries[DPO_BASELINE] = run_pipeline_stage(cfg, layout, dpo_baseline_stage(cfg, layout))[1]
     models = {
         "Target": world.target,
-        "Target-SFT": layout.model(stages.TARGET_SFT),
-        "Target-SFT-DPO": layout.model("dpo"),
-        "Target-SFT-WRPO": layout.model("wrpo"),
+        "Target-SFT": layout.model(TARGET_SFT),
+        "Target-SFT-DPO": layout.model(DPO_BASELINE),
+        "Target-SFT-WRPO": layout.model(FUSED),
     }
     return models, summaries
 
@@ -97,7 +100,7 @@ def run_demo(
     quick: bool = False,
     cache_dir: str | Path | None = None,
     executor: str = "inline",
-    runner: Runner = stages.run_pipeline,
+    runner: Runner = run_pipeline,
 ) -> dict:
     """Runs the toy fusion end to end and writes the report; returns where it is and the overall numbers.
 

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from wrpo_core.config import SamplingConfig
+from wrpo_core.models import load_causal_lm, load_tokenizer
 from wrpo_core.rewards import RewardScorer
 from wrpo_core.sampling import HFSampler
-from wrpo_core.train.common import load_causal_lm, load_tokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,8 @@ One actor per model replica holds its model for its whole life (a GPU per tensor
 rank; a placement group when more than one). Work units are (model, prompt shard). The
 prompts go to the actors once through Ray's object store; each actor writes its Parquet
 shard (samples or scores, the large data) straight to storage, so it never passes through
-the driver. Shard keys are deterministic (`part-00003.parquet`), a
+the driver; it returns the file's manifest entry (rows, bytes, sha256), so the driver lists the
+shard without reading it back. Shard keys are deterministic (`part-00003.parquet`), a
 rerun skips shards already written (writes are atomic), and a shard whose actor dies is
 retried, a bounded number of times, on a fresh actor. The same code runs on a local Ray (this
 machine's CPUs) and on an existing cluster (`address`).
@@ -23,8 +24,10 @@ from typing import Any
 import pyarrow as pa
 
 from wrpo_core.config import ComputeConfig, ModelSpec, RewardModelSpec
+from wrpo_core.rewards import load_scorer, score_samples
+from wrpo_core.sampling import load_sampler
 from wrpo_core.schemas import SAMPLES, SCORES
-from wrpo_core.storage import Storage
+from wrpo_core.storage import Storage, StorageAccess
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +78,7 @@ class SamplingWorker:
         self,
         spec: ModelSpec,
         prompts: pa.Table,
-        storage: tuple[str, dict[str, Any]],
+        storage: StorageAccess | tuple[str, dict[str, Any]],
         *,
         device: str,
         num_cpus: float = 1.0,
@@ -84,16 +87,14 @@ class SamplingWorker:
         _torch_threads(num_cpus)
         self.spec = spec
         self.prompts = prompts
-        self.storage = Storage.open(*storage)
-        from wrpo_core.sampling import load_sampler
-
+        self.storage = StorageAccess(*storage).open()
         self.sampler = load_sampler(spec, device=device, batch_size=batch_size, progress=False)
 
     def run(self, shard: Shard) -> dict[str, Any]:
         rows = self.prompts.slice(shard.start, shard.stop - shard.start)
         table, report = self.sampler.sample(rows["prompt_id"].to_pylist(), rows["prompt"].to_pylist())
-        self.storage.write_table(shard.out_key, table, SAMPLES)
-        return {"shard": shard.index, "samples": report.samples, "completion_tokens": report.completion_tokens,
+        file = self.storage.write_table(shard.out_key, table, SAMPLES)
+        return {"shard": shard.index, "file": file, "samples": report.samples, "completion_tokens": report.completion_tokens,
                 "seconds": report.seconds, "prompts_truncated": report.prompts_truncated,
                 "prompts_skipped_empty": report.prompts_skipped_empty}  # fmt: skip
 
@@ -105,27 +106,24 @@ class ScoringWorker:
         self,
         spec: RewardModelSpec,
         prompts: pa.Table,
-        storage: tuple[str, dict[str, Any]],
+        storage: StorageAccess | tuple[str, dict[str, Any]],
         *,
         num_cpus: float = 1.0,
     ):
         _torch_threads(num_cpus)
-        from wrpo_core.rewards import load_scorer
-
-        self.storage = Storage.open(*storage)
+        self.storage = StorageAccess(*storage).open()
         self.prompt_by_id = dict(
             zip(prompts["prompt_id"].to_pylist(), prompts["prompt"].to_pylist(), strict=True)
         )
         self.scorer = load_scorer(spec, progress=False)
 
     def run(self, shard: Shard, samples_key: str) -> dict[str, Any]:
-        from wrpo_core.rewards import score_samples
-
         samples = self.storage.read_table(samples_key, SAMPLES)
         scores = score_samples(samples, self.prompt_by_id, self.scorer)
-        self.storage.write_table(shard.out_key, scores, SCORES)
+        file = self.storage.write_table(shard.out_key, scores, SCORES)
         return {
             "shard": shard.index,
+            "file": file,
             "scored": scores.num_rows,
             "score_sum": float(sum(scores["score"].to_pylist())),
         }
@@ -224,7 +222,8 @@ def run_shards(
             if attempts[shard.index] >= max_attempts:
                 bar.close()
                 raise RuntimeError(
-                    f"{desc}: shard {shard.index} ({shard.out_url}) failed {max_attempts} times: {error}"
+                    f"{desc}: shard {shard.index} ({storage.display(shard.out_key)}) failed on "
+                    f"{max_attempts} actors in a row (each died or became unreachable): {error}"
                 ) from error
             logger.warning(
                 "%s: actor died on shard %d (attempt %d); retrying on a new actor",
@@ -253,7 +252,7 @@ def run_shards(
 def sample_model(
     spec: ModelSpec,
     prompts: pa.Table,
-    storage: tuple[str, dict[str, Any]],
+    storage: StorageAccess | tuple[str, dict[str, Any]],
     out_prefix: str,
     compute: ComputeConfig,
     *,
@@ -265,8 +264,9 @@ def sample_model(
 ) -> tuple[list[Shard], dict[int, dict]]:
     """Samples every prompt shard of one model on Ray actors into `out_prefix/part-[TAG-]NNNNN.parquet`.
 
-    `storage` is (root URL, storage options) as given in the config: each actor opens it itself,
-    resolving credentials from its own environment when the options hold none. Shards already
+    `storage` is how to open the run's storage (`Storage.access()`, or a (URL, options) pair as
+    given in the config): each actor opens it itself, resolving credentials from its own
+    environment when the options hold none. Each result holds the written shard's `file` entry. Shards already
     written under the same `tag` are kept (a rerun after a crash); give a new tag when the model,
     its sampling settings or the prompts change.
     """
@@ -281,7 +281,7 @@ def sample_model(
         return actor_class.remote(spec, prompts_ref, storage, device=device, num_cpus=compute.num_cpus_per_actor,
                                   batch_size=batch_size)  # fmt: skip
 
-    results = run_shards(make_actor, Storage.open(*storage), shards, lambda actor, shard: actor.run.remote(shard),
+    results = run_shards(make_actor, StorageAccess(*storage).open(), shards, lambda actor, shard: actor.run.remote(shard),
                          num_actors=num_actors, desc=f"sampling {spec.name}")  # fmt: skip
     return shards, results
 
@@ -289,7 +289,7 @@ def sample_model(
 def score_model(
     spec: RewardModelSpec,
     prompts: pa.Table,
-    storage: tuple[str, dict[str, Any]],
+    storage: StorageAccess | tuple[str, dict[str, Any]],
     sample_shards: list[Shard],
     out_prefix: str,
     compute: ComputeConfig,
@@ -310,7 +310,7 @@ def score_model(
     actor_class = ray.remote(ScoringWorker).options(**actor_options(None, compute))
     results = run_shards(
         lambda: actor_class.remote(spec, prompts_ref, storage, num_cpus=compute.num_cpus_per_actor),
-        Storage.open(*storage),
+        StorageAccess(*storage).open(),
         shards,
         lambda actor, shard: actor.run.remote(shard, samples_key[shard.index]),
         num_actors=num_actors,

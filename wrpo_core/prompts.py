@@ -16,6 +16,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from wrpo_core.config import PromptsConfig
+from wrpo_core.locations import resolve_location
 from wrpo_core.schemas import PROMPTS, DataError, conform, iter_jsonl
 
 #: Fields searched for the prompt, in order, when no `prompt_field` is given.
@@ -200,6 +202,14 @@ def load_prompts(
     report.kept = len(ids)
     table = pa.table({"prompt_id": pa.array(ids, pa.string()), "prompt": pa.array(texts, pa.string())})
     return conform(table, PROMPTS, where=path), report
+
+
+def read_prompts(section: PromptsConfig) -> tuple[pa.Table, IngestReport]:
+    """The prompts a config section names (its path resolved where it lives), cut to its `limit`."""
+    table, report = load_prompts(
+        resolve_location(section.path), prompt_field=section.prompt_field, split=section.split
+    )
+    return (table if section.limit is None else table.slice(0, section.limit)), report
 
 
 def split_prompts(

@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from wrpo_core.config import FusionConfig, ModelSpec
-from wrpo_core.storage import Storage, digest
+from wrpo_core.storage import BlockLoader, Storage, digest
 
 SOURCES_KEY = "registry/sources.json"
 FUSED_PREFIX = "registry/fused"
@@ -36,14 +36,17 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def open_registry(url: str, storage_options: Mapping[str, Any] | None = None) -> Storage:
+def open_registry(
+    url: str, storage_options: Mapping[str, Any] | None = None, *, load_block: BlockLoader | None = None
+) -> Storage:
     """The storage that holds the registry: the fusion config's `storage.url` (local paths made absolute).
 
     Absolute, so the registry's name in events (`storage.display()`) is the same from any folder.
+    `load_block` reads a Prefect block named by the option `prefect_block` (see wrpo_core.storage).
     """
     if "://" not in url:
         url = str(Path(url).expanduser().resolve())
-    return Storage.open(url, storage_options)
+    return Storage.open(url, storage_options, load_block=load_block)
 
 
 def read_sources(storage: Storage) -> dict[str, Any]:

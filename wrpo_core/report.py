@@ -6,12 +6,12 @@ The Prefect flow publishes them as artifacts (tasks/report.py); anything else ca
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from wrpo_core.config import FusionConfig
+from wrpo_core.pipeline.roles import FUSED, TARGET_SFT
 from wrpo_core.storage import RunLayout
-from wrpo_core.train.common import METRICS_FILE
+from wrpo_core.train.metrics import METRICS_FILE, parse_metrics_line
 
 
 def _short(summary: dict[str, Any], limit: int = 110) -> str:
@@ -28,8 +28,8 @@ def summary_markdown(cfg: FusionConfig, layout: RunLayout, results: dict[str, di
         f"# WRPO fusion `{cfg.run_name}`",
         "",
         f"- Run folder: `{storage.display()}`",
-        f"- Fused model: `{fused.get('model', storage.display(layout.model_key('wrpo')))}`",
-        f"- Target-SFT: `{storage.display(layout.model_key('target-sft'))}`",
+        f"- Fused model: `{fused.get('model', storage.display(layout.model_key(FUSED)))}`",
+        f"- Target-SFT: `{storage.display(layout.model_key(TARGET_SFT))}`",
         f"- Quadruples: `{storage.display(layout.quadruples)}`",
         f"- Sources: {', '.join(f'`{s.name}` ({s.path})' for s in cfg.sources)}",
         f"- Target: `{cfg.target.path}`; reward model: `{cfg.reward_model.path}`",
@@ -80,7 +80,7 @@ def evaluation_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def training_rows(layout: RunLayout, name: str = "wrpo") -> list[dict[str, Any]]:
+def training_rows(layout: RunLayout, name: str = FUSED) -> list[dict[str, Any]]:
     """The per-step metrics rows a trained model's job logged (its metrics.jsonl), [] if none.
 
     Reads that one file from storage (not the whole model).
@@ -88,4 +88,5 @@ def training_rows(layout: RunLayout, name: str = "wrpo") -> list[dict[str, Any]]
     data = layout.storage.read_bytes_if_exists(f"{layout.model_key(name)}/{METRICS_FILE}")
     if data is None:
         return []
-    return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+    rows = (parse_metrics_line(line) for line in data.decode().splitlines())
+    return [row for row in rows if row is not None]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from wrpo_core.locations import resolve_location
+from wrpo_core.models import load_causal_lm, load_tokenizer
 from wrpo_core.sampling.common import SamplingReport, sample_seed
 from wrpo_core.sampling.hf import HFSampler
 
@@ -19,18 +21,17 @@ def load_sampler(
 ) -> HFSampler | VLLMSampler:
     """The sampler a model spec names: its backend ('hf' or 'vllm') with the model loaded.
 
-    A `toy-world:` path is resolved to the toy model's local folder first (built once, cached).
+    The model is loaded at `spec.revision` (see `wrpo_core.models`; vLLM resolves the path itself).
     """
-    from wrpo_core.toy.paths import resolve_path
-    from wrpo_core.train.common import load_causal_lm, load_tokenizer
-
-    spec = spec.model_copy(update={"path": resolve_path(spec.path)})
-    tokenizer = load_tokenizer(spec.path, trust_remote_code=spec.trust_remote_code)
+    tokenizer = load_tokenizer(spec.path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
     if spec.backend == "vllm":
         from wrpo_core.sampling.vllm import VLLMSampler, build_engine
 
+        spec = spec.model_copy(update={"path": resolve_location(spec.path)})
         return VLLMSampler(build_engine(spec), tokenizer, spec, progress=progress)
-    model = load_causal_lm(spec.path, trust_remote_code=spec.trust_remote_code, dtype=spec.dtype)
+    model = load_causal_lm(
+        spec.path, trust_remote_code=spec.trust_remote_code, dtype=spec.dtype, revision=spec.revision
+    )
     return HFSampler(
         model.to(device).eval(), tokenizer, spec.name, spec.sampling, batch_size=batch_size, progress=progress
     )

@@ -1,4 +1,10 @@
-"""What the SFT and WRPO jobs share: model loading, TrainingArguments, metrics JSONL, resume, saving."""
+"""What the SFT and WRPO trainers share: TrainingArguments, DeepSpeed set-up, resume and saving.
+
+Both trainers build their TrainingArguments with `training_arguments` (which readies a DeepSpeed
+process when the job uses DeepSpeed) and train with `run_training`, which resumes from the newest
+complete checkpoint, drops the metrics rows a rerun logs again, and saves the final model in
+Hugging Face format. Models and tokenizers are loaded by `wrpo_core.models`.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,6 @@ import json
 import logging
 import os
 import socket
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -17,24 +22,11 @@ import torch
 from accelerate import PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    Trainer,
-    TrainerCallback,
-    TrainingArguments,
-)
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from wrpo_core.config import _TrainingHyperparameters
-from wrpo_core.train.launch import (
-    METRICS_FILE,
-    SAVE_ON_EACH_NODE_ENV,
-    checkpoint_step,
-    last_complete_checkpoint,
-    trim_metrics,
-)
+from wrpo_core.train.checkpoints import SAVE_ON_EACH_NODE_ENV, checkpoint_step, last_complete_checkpoint
+from wrpo_core.train.metrics import METRICS_FILE, append_metrics_row, trim_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -42,21 +34,6 @@ logger = logging.getLogger(__name__)
 def bf16_default() -> bool:
     """bf16 where a CUDA GPU supports it; fp32 elsewhere (CPU bf16 training is slow and lossy)."""
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-
-
-def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """Loads a tokenizer and makes sure it can pad (pad = eos when the model has no pad token)."""
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def load_causal_lm(
-    path: str, *, trust_remote_code: bool = False, dtype: torch.dtype | str = "auto"
-) -> PreTrainedModel:
-    """Loads a causal LM from a hub id or local folder."""
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
 def free_port() -> int:
@@ -170,9 +147,7 @@ class JsonlMetricsCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"step": state.global_step, "time": time.time(), **logs}) + "\n")
+            append_metrics_row(self.path, state.global_step, logs)
 
 
 _EXTRA_CALLBACKS: list[TrainerCallback] = []

@@ -13,16 +13,11 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase, Trainer
 
 from wrpo_core.config import SFTConfig, SFTJobConfig
+from wrpo_core.models import load_causal_lm, load_tokenizer
 from wrpo_core.schemas import BEST_SOURCE, read_parquet
 from wrpo_core.tokenization import ResponseCollator, TokenizeReport, encode_example, end_of_turn_id
-from wrpo_core.train.common import (
-    METRICS_FILE,
-    JsonlMetricsCallback,
-    load_causal_lm,
-    load_tokenizer,
-    run_training,
-    training_arguments,
-)
+from wrpo_core.train.common import JsonlMetricsCallback, run_training, training_arguments
+from wrpo_core.train.metrics import METRICS_FILE
 
 logger = logging.getLogger(__name__)
 

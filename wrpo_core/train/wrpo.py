@@ -22,6 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 from wrpo_core.config import WRPOConfig, WRPOJobConfig
 from wrpo_core.formats import from_authors_records, read_jsonl
 from wrpo_core.logprobs import grouped_logps
+from wrpo_core.models import load_causal_lm, load_tokenizer
 from wrpo_core.objectives import (
     AlphaSchedule,
     authors_total_steps,
@@ -39,15 +40,8 @@ from wrpo_core.reference import (
 )
 from wrpo_core.schemas import QUADRUPLES, read_parquet, write_parquet
 from wrpo_core.tokenization import ResponseCollator, TokenizeReport, encode_example, end_of_turn_id
-from wrpo_core.train.common import (
-    METRICS_FILE,
-    JsonlMetricsCallback,
-    bf16_default,
-    load_causal_lm,
-    load_tokenizer,
-    run_training,
-    training_arguments,
-)
+from wrpo_core.train.common import JsonlMetricsCallback, bf16_default, run_training, training_arguments
+from wrpo_core.train.metrics import METRICS_FILE
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,69 @@
+"""Every config field documents itself: the Prefect UI form and the docs render these descriptions."""
+
+import inspect
+import typing
+
+from pydantic import BaseModel
+
+from wrpo_core import config
+from wrpo_core.config import FusionConfig, WRPOConfig
+
+
+def _models_in(annotation: object) -> list[type[BaseModel]]:
+    """The pydantic model classes inside a field's annotation (through Optional, list, dict, ...)."""
+    if inspect.isclass(annotation) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [model for arg in typing.get_args(annotation) for model in _models_in(arg)]
+
+
+def config_models() -> list[type[BaseModel]]:
+    """Every pydantic model defined in wrpo_core.config, and every model reachable through their fields."""
+    pending = [
+        value
+        for value in vars(config).values()
+        if inspect.isclass(value)
+        and issubclass(value, BaseModel)
+        and value.__module__.startswith(config.__name__)
+    ]
+    seen: list[type[BaseModel]] = []
+    while pending:
+        model = pending.pop()
+        if model not in seen:
+            seen.append(model)
+            pending += [m for field in model.model_fields.values() for m in _models_in(field.annotation)]
+    return sorted(seen, key=lambda model: model.__name__)
+
+
+def test_discovery_finds_the_config_models():
+    names = {model.__name__ for model in config_models()}
+    assert names >= {
+        "SamplingConfig", "ModelSpec", "RewardModelSpec", "PromptsConfig", "SplitConfig",
+        "_TrainingHyperparameters", "SFTConfig", "WRPOConfig", "StorageConfig", "ComputeConfig",
+        "LaunchConfig", "EvaluationConfig", "FusionConfig", "SFTJobConfig", "WRPOJobConfig",
+    }  # fmt: skip
+
+
+def test_every_field_has_a_description():
+    missing = [
+        f"{model.__name__}.{name}"
+        for model in config_models()
+        for name, field in model.model_fields.items()
+        if not (field.description or "").strip()
+    ]
+    assert not missing, f"config fields without a description: {', '.join(missing)}"
+
+
+def _definition(schema: dict, prop: dict) -> dict:
+    """The `$defs` entry a property refers to (directly or through allOf/anyOf)."""
+    refs = [prop.get("$ref")] + [item.get("$ref") for item in prop.get("allOf", []) + prop.get("anyOf", [])]
+    ref = next(r for r in refs if r)
+    return schema["$defs"][ref.rsplit("/", 1)[-1]]
+
+
+def test_fusion_schema_carries_the_wrpo_descriptions():
+    schema = FusionConfig.model_json_schema()
+    wrpo = _definition(schema, schema["properties"]["wrpo"])
+    for name in ("alpha", "beta", "loss_type", "label_smoothing"):
+        description = wrpo["properties"][name].get("description", "")
+        assert description.strip(), f"FusionConfig JSON schema: wrpo.{name} has no description"
+        assert description == WRPOConfig.model_fields[name].description

@@ -1,0 +1,54 @@
+"""Configuration models for a fusion run and its training jobs, loaded from YAML.
+
+Every model forbids unknown keys, so a typo in a YAML file is an error that names the
+field instead of a silently ignored setting. Defaults follow the WRPO paper
+(arXiv 2412.03187) and the authors' released training configs.
+
+    cfg = load_config("configs/paper.yaml", FusionConfig)
+
+The parts: `run` (FusionConfig and its sections), `model_specs` (sources, target, reward model),
+`training` (SFT / WRPO hyper-parameters, launchers, job configs), `base` (loading and errors).
+Every field carries a description, which the Prefect UI form and the docs show.
+"""
+
+from wrpo_core.config.base import ConfigError, ConfigModel, format_validation_error, load_config, parse_config
+from wrpo_core.config.model_specs import ModelSpec, RewardModelSpec, SamplingConfig
+from wrpo_core.config.run import (
+    ComputeConfig,
+    EvaluationConfig,
+    FusionConfig,
+    PromptsConfig,
+    SplitConfig,
+    StorageConfig,
+)
+from wrpo_core.config.training import (
+    LaunchConfig,
+    SFTConfig,
+    SFTJobConfig,
+    WRPOConfig,
+    WRPOJobConfig,
+    _TrainingHyperparameters,
+)
+
+__all__ = [
+    "ComputeConfig",
+    "ConfigError",
+    "ConfigModel",
+    "EvaluationConfig",
+    "FusionConfig",
+    "LaunchConfig",
+    "ModelSpec",
+    "PromptsConfig",
+    "RewardModelSpec",
+    "SFTConfig",
+    "SFTJobConfig",
+    "SamplingConfig",
+    "SplitConfig",
+    "StorageConfig",
+    "WRPOConfig",
+    "WRPOJobConfig",
+    "_TrainingHyperparameters",
+    "format_validation_error",
+    "load_config",
+    "parse_config",
+]

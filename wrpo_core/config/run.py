@@ -1,0 +1,164 @@
+"""The whole fusion run: prompts, split, storage, compute, evaluation, and `FusionConfig` over all of them."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from wrpo_core.config.base import ConfigModel
+from wrpo_core.config.model_specs import ModelSpec, RewardModelSpec
+from wrpo_core.config.training import LaunchConfig, SFTConfig, WRPOConfig
+
+
+class PromptsConfig(ConfigModel):
+    """Where the prompts come from (JSONL, JSON, Parquet or a `datasets.save_to_disk` folder)."""
+
+    path: str = Field(
+        description="File or folder of prompts (local path, fsspec URL or `toy-world:` path): JSONL, JSON, "
+        "Parquet or a `datasets.save_to_disk` folder."
+    )
+    prompt_field: str | None = Field(
+        default=None,
+        description="Column holding the prompt (a string, a {role, content} message or a message list); "
+        "None = the first of prompt, instruction, messages.",
+    )
+    split: str | None = Field(
+        default=None,
+        description="For a saved DatasetDict folder: the split to read; None = every split.",
+    )
+    limit: Annotated[
+        int | None, Field(ge=1, description="Keep only the first this many prompts; None = all.")
+    ] = None
+
+
+class SplitConfig(ConfigModel):
+    """Random split of prompts: a fraction for SFT, the rest for preference optimization."""
+
+    sft_fraction: Annotated[
+        float,
+        Field(
+            gt=0,
+            lt=1,
+            description="Fraction of the prompts used for SFT; the rest go to preference optimization. "
+            "Paper: 1/3.",
+        ),
+    ] = 1 / 3
+    seed: int = Field(
+        default=42,
+        description="Seed of the split: prompts are ranked by sha256(seed:prompt_id), so a seed always gives "
+        "the same split.",
+    )
+
+
+class StorageConfig(ConfigModel):
+    """Where a run's artifacts live: any fsspec URL (a local path by default, s3://bucket/prefix)."""
+
+    url: str = Field(
+        default="./runs",
+        description="Root of all runs: a local path or fsspec URL (s3://bucket/prefix); a run lives under "
+        "<url>/<run_name>.",
+    )
+    storage_options: dict[str, str | int | float | bool | None] = Field(
+        default_factory=dict, description="Passed to fsspec (e.g. endpoint_url for S3); keep secrets in env."
+    )
+
+
+class ComputeConfig(ConfigModel):
+    """Where the work runs: the device for local work and the Ray cluster for fan-out."""
+
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto",
+        description="Device the samplers run on (here or in Ray actors); "
+        "'auto' = CUDA when available, else CPU.",
+    )
+    executor: Literal["inline", "ray"] = Field(
+        default="inline",
+        description="'inline' samples and scores in this process; 'ray' fans shards out over Ray actors.",
+    )
+    ray_address: str | None = Field(default=None, description="None starts a local Ray; 'auto' or ray://...")
+    num_actors: Annotated[int, Field(ge=1, description="ray: replicas per model (each holds the model).")] = 1
+    shard_size: Annotated[int, Field(ge=1, description="ray: prompts per work unit (one Parquet shard).")] = (
+        256
+    )
+    num_cpus_per_actor: Annotated[float, Field(gt=0, description="ray: CPUs reserved per replica.")] = 1.0
+    num_gpus_per_actor: Annotated[
+        float,
+        Field(
+            ge=0,
+            description="ray: GPUs reserved per replica; 0 = tensor_parallel_size for a vllm model, none "
+            "for an hf one.",
+        ),
+    ] = 0.0
+
+
+class EvaluationConfig(ConfigModel):
+    """Held-out evaluation of the fused model: reward-judged win rates against the target and Target-SFT."""
+
+    prompts: PromptsConfig | None = Field(
+        default=None, description="Held-out prompts (never trained on); None skips the evaluation stage."
+    )
+    max_new_tokens: Annotated[int, Field(ge=1, description="Most tokens of each greedy answer.")] = 512
+    batch_size: Annotated[int, Field(ge=1, description="Prompts answered per generation batch.")] = 16
+    judge: RewardModelSpec | None = Field(
+        default=None, description="Reward model that judges; None = the run's."
+    )
+
+
+class FusionConfig(ConfigModel):
+    """A whole fusion run: prompts, sources, target, reward model, split, SFT, WRPO, storage, compute."""
+
+    run_name: str = Field(default="fusion", description="Name of the run's folder under storage.url.")
+    prompts: PromptsConfig = Field(
+        title="Prompts", description="The prompt set (split into SFT and preference)."
+    )
+    sources: list[ModelSpec] = Field(
+        min_length=1,
+        title="Source models",
+        description="The LLMs whose strengths are fused (10 in the paper).",
+    )
+    target: ModelSpec = Field(
+        title="Target model", description="The (smaller) model the sources are fused into."
+    )
+    reward_model: RewardModelSpec = Field(
+        title="Reward model",
+        description="Scores every sampled response (e.g. ArmoRM); picks y_ws, y_wt, y_l.",
+    )
+    split: SplitConfig = Field(
+        default_factory=SplitConfig,
+        title="Prompt split",
+        description="Which prompts go to SFT and which to preference optimization.",
+    )
+    sft: SFTConfig = Field(default_factory=SFTConfig, title="SFT", description="Target-SFT on (x, y_ws).")
+    wrpo: WRPOConfig = Field(
+        default_factory=WRPOConfig,
+        title="WRPO",
+        description="Preference optimization: alpha, beta, schedule, loss.",
+    )
+    storage: StorageConfig = Field(
+        default_factory=StorageConfig, title="Storage", description="Where the run's artifacts are stored."
+    )
+    compute: ComputeConfig = Field(
+        default_factory=ComputeConfig,
+        title="Compute",
+        description="Device, and Ray fan-out of sampling and scoring.",
+    )
+    evaluation: EvaluationConfig = Field(
+        default_factory=EvaluationConfig,
+        title="Evaluation",
+        description="Held-out evaluation of the fused model; skipped without prompts.",
+    )
+    launch: LaunchConfig | None = Field(
+        default=None,
+        description="How SFT and WRPO train: torchrun or Ray Train jobs; None = in the stage's process.",
+    )
+
+    @model_validator(mode="after")
+    def _unique_source_names(self) -> FusionConfig:
+        names = [s.name for s in self.sources]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"source model names must be unique; repeated: {duplicated} (set `name`)")
+        if self.target.name in names:
+            raise ValueError(f"target name {self.target.name!r} is also a source name; set `target.name`")
+        return self

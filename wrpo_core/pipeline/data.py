@@ -1,0 +1,187 @@
+"""The pipeline's data stages: ingest, split, sample, score (inline or on Ray actors) and selection.
+
+Each is a plain function of (config, run layout) that reads finished stages' datasets through
+the layout and writes its own; the stage runner (`runner.py`) records it in a manifest.
+
+    ingest -> split -> sample each source -> score -> select y_ws
+    -> (SFT) -> sample Target-SFT -> score -> select y_wt / y_l
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from wrpo_core import fanout
+from wrpo_core.config import FusionConfig, ModelSpec
+from wrpo_core.pipeline.roles import TARGET_SFT
+from wrpo_core.prompts import read_prompts, split_prompts
+from wrpo_core.rewards import load_scorer, score_samples
+from wrpo_core.sampling import load_sampler
+from wrpo_core.schemas import BEST_SOURCE, PROMPTS, QUADRUPLES, SAMPLES, SCORES
+from wrpo_core.selection import select_best_source, select_target_pairs
+from wrpo_core.storage import RunLayout, digest
+
+
+def _prompt_text(layout: RunLayout) -> dict[str, str]:
+    table = layout.read_dataset(layout.prompts, PROMPTS)
+    return dict(zip(table["prompt_id"].to_pylist(), table["prompt"].to_pylist(), strict=True))
+
+
+def rows_of_split(layout: RunLayout, table: pa.Table, split_name: str) -> pa.Table:
+    """The rows of `table` whose prompt is in the split `split_name` ('sft' or 'preference')."""
+    ids = layout.read_dataset(layout.split(split_name), PROMPTS)["prompt_id"]
+    return table.filter(pc.is_in(table["prompt_id"], value_set=ids))
+
+
+def ingest(cfg: FusionConfig, layout: RunLayout) -> dict:
+    """Reads the prompt source, collapses duplicates, stores PROMPTS."""
+    table, report = read_prompts(cfg.prompts)
+    layout.write_dataset(layout.prompts, table, PROMPTS)
+    return {"prompts": table.num_rows, "rows_read": report.rows_read, "duplicates": report.duplicates}
+
+
+def split(cfg: FusionConfig, layout: RunLayout) -> dict:
+    """Splits prompts by seed: a fraction for SFT, the rest for preference optimization."""
+    sft_prompts, pref = split_prompts(
+        layout.read_dataset(layout.prompts, PROMPTS), sft_fraction=cfg.split.sft_fraction, seed=cfg.split.seed
+    )
+    layout.write_dataset(layout.split("sft"), sft_prompts, PROMPTS)
+    layout.write_dataset(layout.split("preference"), pref, PROMPTS)
+    return {"sft": sft_prompts.num_rows, "preference": pref.num_rows}
+
+
+def sample(
+    spec: ModelSpec,
+    layout: RunLayout,
+    prompts_key: str,
+    out_key: str | None = None,
+    *,
+    device: str = "cpu",
+    batch_size: int = 32,
+) -> dict:
+    """Samples `spec.sampling.n` responses per prompt from one model (its HF or vLLM backend) into SAMPLES.
+
+    Reads the prompts dataset `prompts_key`; writes `out_key` (default `samples/<spec.name>`).
+    """
+    prompts = layout.read_dataset(prompts_key, PROMPTS)
+    sampler = load_sampler(spec, device=device, batch_size=batch_size)
+    table, report = sampler.sample(prompts["prompt_id"].to_pylist(), prompts["prompt"].to_pylist())
+    layout.write_dataset(out_key or layout.samples(spec.name), table, SAMPLES)
+    return {
+        "model": spec.name,
+        "samples": report.samples,
+        "completion_tokens": report.completion_tokens,
+        "samples_per_second": round(report.samples_per_second, 2),
+        "finished_by_length": report.finished_by_length,
+        "prompts_truncated": report.prompts_truncated,
+        "prompts_skipped_empty": report.prompts_skipped_empty,
+    }
+
+
+def _shard_tag(layout: RunLayout, settings: Any, input_keys: list[str]) -> str:
+    """A digest of what a Ray stage's shards depend on, so shards of changed settings are never reused."""
+    return digest([settings, *(digest(layout.entry(key)[1]) for key in input_keys)])[:10]
+
+
+def _shard_files(shards: list[fanout.Shard], results: dict[int, dict]) -> list[str | dict]:
+    """Each shard's manifest entry as its actor returned it; the key alone for a shard written earlier."""
+    return [results[s.index]["file"] if s.index in results else s.out_key for s in shards]
+
+
+def sample_on_ray(
+    cfg: FusionConfig, spec: ModelSpec, layout: RunLayout, prompts_key: str, *, device: str
+) -> dict:
+    """The sample stage fanned out over Ray actors: shards written by actors, listed in the manifest."""
+    out_key = layout.samples(spec.name)
+    prompts = layout.read_dataset(prompts_key, PROMPTS)
+    run_model = layout.model_key(spec.name)
+    own_model = run_model in layout.index()  # a model this run trained: its files identify it, not its path
+    settings = spec.model_dump(mode="json", exclude={"path"} if own_model else set())
+    tag = _shard_tag(layout, settings, [prompts_key, *([run_model] if own_model else [])])
+    shards, results = fanout.sample_model(
+        spec, prompts, layout.storage.access(), out_key, cfg.compute,
+        shard_size=cfg.compute.shard_size, num_actors=cfg.compute.num_actors, device=device, tag=tag,
+    )  # fmt: skip
+    entry = layout.register_dataset(out_key, SAMPLES, _shard_files(shards, results))
+    return {
+        "model": spec.name,
+        "samples": entry["rows"],
+        "shards": len(shards),
+        "shards_run_now": len(results),
+        "completion_tokens_run_now": sum(r["completion_tokens"] for r in results.values()),
+    }
+
+
+def score_on_ray(cfg: FusionConfig, layout: RunLayout, model: str) -> dict:
+    """The score stage fanned out over Ray actors, one score shard per sample shard."""
+    entry = layout.note_input(layout.samples(model))  # actors read the files; the stage depends on them
+    sample_shards = [fanout.Shard(i, 0, 0, f["key"]) for i, f in enumerate(entry["files"])]
+    out_key = layout.scores(model)
+    tag = _shard_tag(layout, cfg.reward_model.model_dump(mode="json"), [layout.samples(model)])
+    shards, results = fanout.score_model(
+        cfg.reward_model, layout.read_dataset(layout.prompts, PROMPTS), layout.storage.access(),
+        sample_shards, out_key, cfg.compute, num_actors=cfg.compute.num_actors, tag=tag,
+    )  # fmt: skip
+    layout.register_dataset(out_key, SCORES, _shard_files(shards, results))
+    scores = layout.read_dataset(out_key, SCORES)
+    return {"model": model, "scored": scores.num_rows, "mean_reward": pc.mean(scores["score"]).as_py()}
+
+
+def score(cfg: FusionConfig, layout: RunLayout, model: str) -> dict:
+    """Scores one model's samples with the reward model into SCORES."""
+    samples = layout.read_dataset(layout.samples(model), SAMPLES)
+    scores = score_samples(samples, _prompt_text(layout), load_scorer(cfg.reward_model))
+    layout.write_dataset(layout.scores(model), scores, SCORES)
+    return {"model": model, "scored": scores.num_rows, "mean_reward": pc.mean(scores["score"]).as_py()}
+
+
+def _concat(layout: RunLayout, keys: list[str], schema: pa.Schema) -> pa.Table:
+    return pa.concat_tables([layout.read_dataset(key, schema) for key in keys])
+
+
+def select_source(cfg: FusionConfig, layout: RunLayout) -> dict:
+    """Picks y_ws (best source response over all sources) for every prompt."""
+    names = [s.name for s in cfg.sources]
+    samples = _concat(layout, [layout.samples(n) for n in names], SAMPLES)
+    scores = _concat(layout, [layout.scores(n) for n in names], SCORES)
+    best, report = select_best_source(samples, scores, layout.read_dataset(layout.prompts, PROMPTS))
+    layout.write_dataset(layout.best_source, best, BEST_SOURCE)
+    return {**report.as_dict(), "per_model": per_model_statistics(samples, scores, report.ws_share)}
+
+
+def per_model_statistics(samples: pa.Table, scores: pa.Table, ws_share: dict[str, float]) -> list[dict]:
+    """One row per source model: samples, completion tokens, mean reward, share of y_ws supplied."""
+    counts = samples.group_by("model").aggregate(
+        [("completion_tokens", "sum"), ("completion_tokens", "count")]
+    )
+    rewards = dict(
+        zip(*scores.group_by("model").aggregate([("score", "mean")]).to_pydict().values(), strict=True)
+    )
+    rows = []
+    for model, tokens, n in zip(
+        counts["model"].to_pylist(), counts["completion_tokens_sum"].to_pylist(),
+        counts["completion_tokens_count"].to_pylist(), strict=True,
+    ):  # fmt: skip
+        rows.append({"model": model, "samples": n, "completion_tokens": tokens,
+                     "mean_reward": rewards.get(model), "ws_share": ws_share.get(model, 0.0)})  # fmt: skip
+    return sorted(rows, key=lambda row: row["model"])
+
+
+def target_sft_spec(cfg: FusionConfig, layout: RunLayout) -> ModelSpec:
+    """Target-SFT as a model to sample from (a local folder), with the target's sampling settings."""
+    return cfg.target.model_copy(update={"path": layout.model(TARGET_SFT), "name": TARGET_SFT})
+
+
+def select_target(cfg: FusionConfig, layout: RunLayout) -> dict:
+    """Picks y_wt / y_l from Target-SFT's samples of the preference prompts into QUADRUPLES."""
+    best = rows_of_split(layout, layout.read_dataset(layout.best_source, BEST_SOURCE), "preference")
+    quadruples, report = select_target_pairs(
+        best,
+        layout.read_dataset(layout.samples(TARGET_SFT), SAMPLES),
+        layout.read_dataset(layout.scores(TARGET_SFT), SCORES),
+    )
+    layout.write_dataset(layout.quadruples, quadruples, QUADRUPLES)
+    return report.as_dict()

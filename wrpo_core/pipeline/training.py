@@ -1,0 +1,106 @@
+"""The pipeline's training stages: Target-SFT, WRPO, and the DPO baseline, each a job of `wrpo_core.train`.
+
+A stage builds the job's config from the run's config and layout, trains in this process or
+launches it (torchrun / Ray Train, per `cfg.launch`), then publishes the model with its card.
+Log lines and per-step metrics reach the `TrainingHooks` either way: a launched job streams
+them, an in-process one has its metrics file followed while it trains.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from wrpo_core.config import FusionConfig, SFTJobConfig, WRPOConfig, WRPOJobConfig
+from wrpo_core.locations import resolve_location
+from wrpo_core.pipeline.data import rows_of_split
+from wrpo_core.pipeline.publishing import finish_model
+from wrpo_core.pipeline.roles import DPO_BASELINE, FUSED, TARGET_SFT
+from wrpo_core.reference import REFERENCE_FILE
+from wrpo_core.schemas import BEST_SOURCE, QUADRUPLES
+from wrpo_core.storage import RunLayout
+from wrpo_core.train.jobs import JobConfig, LogCallback, MetricsCallback, Stage, train_in_process
+from wrpo_core.train.launch import launch_job
+from wrpo_core.train.metrics import follow_metrics, write_metrics
+
+
+@dataclass(frozen=True)
+class TrainingHooks:
+    """Where a training stage's log lines and per-step metrics rows go (e.g. a Prefect run's log)."""
+
+    on_log: LogCallback | None = None
+    on_metrics: MetricsCallback | None = None
+
+
+NO_HOOKS = TrainingHooks()
+
+
+def _fetch_model(uri: str, folder: Path) -> None:
+    """Copies a model a Ray job stored elsewhere (its storage path) into the stage's local folder."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    fs.get(path.rstrip("/") + "/", str(folder), recursive=True)
+
+
+def train_job(stage: Stage, job: JobConfig, hooks: TrainingHooks = NO_HOOKS) -> dict[str, float]:
+    """Trains in this process, or as a torchrun / Ray Train job when the config has a `launch` section."""
+    folder = Path(job.output_dir)
+    if job.launch is None:
+        if hooks.on_metrics is None:
+            return train_in_process(stage, job)
+        with follow_metrics(folder, hooks.on_metrics):
+            return train_in_process(stage, job)
+    result = launch_job(stage, job, on_log=hooks.on_log, on_metrics=hooks.on_metrics)
+    if result.model_uri and result.model_uri != job.output_dir:  # a Ray job stored it elsewhere: this one
+        _fetch_model(result.model_uri, folder)
+    write_metrics(folder, result.metrics)
+    return {k: v for k, v in result.summary.items() if isinstance(v, int | float)}
+
+
+def sft(cfg: FusionConfig, layout: RunLayout, hooks: TrainingHooks = NO_HOOKS) -> dict:
+    """Target-SFT on (x, y_ws) of the SFT prompts; the model goes to `models/target-sft`."""
+    pairs = rows_of_split(layout, layout.read_dataset(layout.best_source, BEST_SOURCE), "sft")
+    layout.write_dataset(layout.sft_pairs, pairs, BEST_SOURCE)
+    job = SFTJobConfig(
+        model=resolve_location(cfg.target.path), data=layout.local_table_file(layout.sft_pairs, BEST_SOURCE),
+        output_dir=str(layout.model_dir(TARGET_SFT)), trust_remote_code=cfg.target.trust_remote_code,
+        training=cfg.sft, launch=cfg.launch,
+    )  # fmt: skip
+    metrics = train_job("sft", job, hooks)
+    return finish_model(cfg, layout, TARGET_SFT, metrics, {"sft": job.training.model_dump(mode="json")})
+
+
+def wrpo(
+    cfg: FusionConfig,
+    layout: RunLayout,
+    hooks: TrainingHooks = NO_HOOKS,
+    *,
+    name: str = FUSED,
+    training: WRPOConfig | None = None,
+    data: str | None = None,
+) -> dict:
+    """WRPO training from Target-SFT (reference log-probs computed once, inside the job).
+
+    `data` defaults to the run's quadruples; pass quadruples that already carry reference
+    log-probs (e.g. another job's stored file) to skip the reference pass. The model goes to
+    `models/<name>` with its lineage card.
+    """
+    job = WRPOJobConfig(
+        model=layout.model(TARGET_SFT), data=data or layout.local_table_file(layout.quadruples, QUADRUPLES),
+        output_dir=str(layout.model_dir(name)), trust_remote_code=cfg.target.trust_remote_code,
+        training=training or cfg.wrpo, launch=cfg.launch,
+    )  # fmt: skip
+    metrics = train_job("wrpo", job, hooks)
+    return finish_model(cfg, layout, name, metrics, {"wrpo": job.training.model_dump(mode="json")})
+
+
+def dpo_training(cfg: FusionConfig) -> WRPOConfig:
+    """The DPO baseline's settings: the run's WRPO settings at alpha 0 (y_ws never weighs in)."""
+    return cfg.wrpo.model_copy(update={"alpha": 0.0})
+
+
+def dpo_baseline(cfg: FusionConfig, layout: RunLayout, hooks: TrainingHooks = NO_HOOKS) -> dict:
+    """DPO = WRPO at alpha 0 on the fused model's quadruples and stored reference log-probs."""
+    data = f"{layout.model(FUSED)}/{REFERENCE_FILE}"
+    return wrpo(cfg, layout, hooks, name=DPO_BASELINE, training=dpo_training(cfg), data=data)

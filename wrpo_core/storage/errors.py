@@ -1,0 +1,11 @@
+"""The storage layer's errors: storage that cannot be used, and artifacts no finished stage lists."""
+
+from __future__ import annotations
+
+
+class StorageError(RuntimeError):
+    """Storage that cannot be used; the message names the URL (never a secret) and what to fix."""
+
+
+class ManifestError(StorageError):
+    """An artifact that no finished stage's manifest lists (its stage has not completed)."""

@@ -1,0 +1,147 @@
+"""What a training job is and how one process runs it: its config, result, errors and environment.
+
+A job is a stage (`sft` or `wrpo`) and its job config. The launchers (`torchrun.py`,
+`ray_train.py`) start processes marked with `LAUNCHED_ENV`; each of them runs the stage's
+training function through `train_in_process` (and a WRPO job's reference pass through
+`store_reference`). A failed job raises `TrainingJobError` with its own error text.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import yaml
+
+from wrpo_core.config import LaunchConfig, SFTJobConfig, WRPOJobConfig
+from wrpo_core.train.checkpoints import SAVE_ON_EACH_NODE_ENV
+
+if TYPE_CHECKING:
+    import numpy as np
+
+Stage = Literal["sft", "wrpo"]
+JobConfig = SFTJobConfig | WRPOJobConfig
+LogCallback = Callable[[str], None]
+MetricsCallback = Callable[[dict[str, Any]], None]
+
+LAUNCHED_ENV = "WRPO_LAUNCHED"
+"""Set to 1 in every process a launcher starts: `wrpo train` there trains instead of launching."""
+
+ERROR_LINE = re.compile(
+    r"^(?:error: \S|(?:[A-Za-z_][\w]*\.)*[A-Za-z_]\w*(?:Error|Exception|Interrupt)(?::|$))"
+)
+"""A line that states an error: the CLI's or worker's `error: ...`, or an exception's `Type: message`."""
+
+
+@dataclass(frozen=True)
+class RankFailure:
+    """The root cause entry of torchrun's ChildFailedError summary: the process that failed first."""
+
+    rank: int
+    local_rank: int
+    exitcode: int
+    signal: str | None = None
+    """`SIGABRT` etc. when a signal ended the process (exitcode is then minus its number)."""
+    error_file: str | None = None
+    """The rank's recorded exception (`@record` in the worker); None when it wrote none."""
+    traceback: tuple[str, ...] = ()
+    """The recorded traceback's lines, or torchrun's one-line note (`Signal 6 (SIGABRT) received ...`)."""
+
+    @property
+    def exception(self) -> str | None:
+        """The exception line of the recorded traceback (`Type: message`), if there is one."""
+        if self.error_file is None:
+            return None
+        lines = [line.strip() for line in self.traceback if line.strip()]
+        return next((line for line in reversed(lines) if ERROR_LINE.match(line)), None)
+
+    def describe(self) -> str:
+        """How the rank ended: `rank 1, exit code 1` or `rank 1 killed by SIGABRT, exit code -6`."""
+        how = f" killed by {self.signal}" if self.signal else ""
+        return f"rank {self.rank}{how}, exit code {self.exitcode}"
+
+
+class TrainingJobError(RuntimeError):
+    """A training job that failed: `error` is the job's own error text, `log_tail` its last lines.
+
+    `failure` is torchrun's root-cause entry (which rank, exit code or signal) when the job ran
+    under torchrun and a worker failed.
+    """
+
+    def __init__(
+        self,
+        error: str,
+        *,
+        returncode: int | None = None,
+        log_tail: Iterable[str] = (),
+        failure: RankFailure | None = None,
+    ):
+        self.error = error
+        self.returncode = returncode
+        self.log_tail = list(log_tail)
+        self.failure = failure
+        code = f" (exit code {returncode})" if returncode is not None else ""
+        super().__init__(f"training job failed{code}: {error}")
+
+
+@dataclass
+class JobResult:
+    """What a finished job left: its output folder, streamed metrics rows, and summary."""
+
+    output_dir: str
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    model_uri: str | None = None
+    """Where the final HF model is: output_dir (local) or the run's storage (ray)."""
+
+
+def save_on_each_node(launch: LaunchConfig) -> dict[str, str]:
+    """The environment switch for Trainer's save_on_each_node: on unless output_dir is shared."""
+    return {SAVE_ON_EACH_NODE_ENV: "0" if launch.shared_output_dir else "1"}
+
+
+def inside_launched_job() -> bool:
+    """True in a process that a launcher started (torchrun child or Ray worker)."""
+    return os.environ.get(LAUNCHED_ENV) == "1"
+
+
+def train_in_process(stage: Stage, job: JobConfig) -> dict[str, float]:
+    """Runs the stage's training function in this process (every rank of a launched job does this)."""
+    if stage == "sft":
+        from wrpo_core.train.sft import train_sft
+
+        return train_sft(job)
+    from wrpo_core.train.wrpo import train_wrpo
+
+    return train_wrpo(job)
+
+
+def needs_reference_pass(stage: Stage, job: JobConfig) -> bool:
+    """True for a WRPO job that trains on stored reference log-probs (computed once, before training)."""
+    if stage != "wrpo":
+        return False
+    return job.training.precompute_reference and job.training.loss_type != "simpo"
+
+
+def write_job_config(job: JobConfig, path: str | Path) -> str:
+    """Writes a job config as YAML (what the launched processes read); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+    return str(path)
+
+
+def store_reference(job: WRPOJobConfig) -> np.ndarray | None:
+    """Computes the job's reference log-probs once per machine (the other local ranks then read them).
+
+    Returns what `prepare_reference` returns: the log-probs, or None when the job needs none stored.
+    """
+    from wrpo_core.models import load_tokenizer
+    from wrpo_core.train.wrpo import load_quadruples, prepare_reference
+
+    tokenizer = load_tokenizer(job.model, trust_remote_code=job.trust_remote_code)
+    return prepare_reference(job, load_quadruples(job.data), tokenizer)

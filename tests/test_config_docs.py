@@ -1,6 +1,7 @@
 """Every config field documents itself: the Prefect UI form and the docs render these descriptions."""
 
 import inspect
+import re
 import typing
 
 from pydantic import BaseModel
@@ -51,6 +52,17 @@ def test_every_field_has_a_description():
         if not (field.description or "").strip()
     ]
     assert not missing, f"config fields without a description: {', '.join(missing)}"
+
+
+def test_descriptions_survive_the_forms_markdown():
+    """The Prefect form renders descriptions as markdown: `<word>` would vanish as an HTML tag."""
+    tagged = [
+        f"{model.__name__}.{name}"
+        for model in config_models()
+        for name, field in model.model_fields.items()
+        if re.search(r"<[A-Za-z_/]", field.description or "")
+    ]
+    assert not tagged, f"descriptions with HTML-like <...> text: {', '.join(tagged)}"
 
 
 def _definition(schema: dict, prop: dict) -> dict:

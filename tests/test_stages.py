@@ -1,7 +1,9 @@
 """The whole pipeline on tiny untrained models, in seconds: every stage runs, a rerun resumes,
 a crashed stage is redone without reading its leftovers, and the same holds on a real S3 server."""
 
+import json
 import re
+import time
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -13,6 +15,7 @@ from wrpo_core.config import FusionConfig
 from wrpo_core.pipeline import data, publishing, training
 from wrpo_core.schemas import BEST_SOURCE, PROMPTS, QUADRUPLES, SAMPLES
 from wrpo_core.storage import ManifestError, RunLayout, StorageError
+from wrpo_core.train.metrics import METRICS_FILE, append_metrics_row, follow_metrics, trim_metrics
 
 
 def s3_config(cfg: FusionConfig, prefix: str, options: dict) -> FusionConfig:
@@ -243,3 +246,36 @@ def test_pipeline_fanned_out_on_ray_matches_inline_and_adds_one_source_increment
         assert len(layout.storage.list_files("samples/src-a")) == 3  # the old shards were removed
     finally:
         ray.shutdown()
+
+
+def test_one_stage_is_built_by_name_as_the_plan_builds_it(fusion_config):
+    layout = pipeline.layout_for(fusion_config)
+    for stage in pipeline.pipeline_stages(fusion_config, layout):
+        one = pipeline.pipeline_stage(fusion_config, layout, stage.name)
+        assert (one.name, one.key, one.after, one.model, one.reusable) == (
+            stage.name, stage.key, stage.after, stage.model, stage.reusable,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match=r"no stage 'wrpoo'.*'select-target', 'wrpo', 'register'"):
+        pipeline.pipeline_stage(fusion_config, layout, "wrpoo")
+
+
+def test_in_process_training_streams_every_step_to_the_hooks(fusion_config):
+    """What the flow's task logs for in-process training: each logged step of SFT, then of WRPO."""
+    layout = pipeline.layout_for(fusion_config)
+    rows = []
+    for stage in pipeline.pipeline_stages(fusion_config, layout, on_metrics=rows.append):
+        pipeline.run_pipeline_stage(fusion_config, layout, stage, reuse=False)
+    assert [row["step"] for row in rows if "loss" in row] == [1, 2, 1, 2]
+
+
+def test_followed_metrics_of_a_rerun_arrive_although_the_old_file_was_longer(tmp_path):
+    """A job that runs again (no checkpoint to resume from) logs its steps anew into a trimmed file."""
+    old = "".join(json.dumps({"step": step, "loss": 1.0, "note": "x" * 200}) + "\n" for step in (1, 2, 3))
+    (tmp_path / METRICS_FILE).write_text(old)
+    rows = []
+    with follow_metrics(tmp_path, rows.append, every_s=0.05):
+        time.sleep(0.2)  # the tail has read the file before the job starts
+        trim_metrics(tmp_path / METRICS_FILE, 0)  # as the job does first (run_training: nothing to resume)
+        for step in (1, 2):
+            append_metrics_row(tmp_path / METRICS_FILE, step, {"loss": 0.5})
+    assert [(row["step"], row["loss"]) for row in rows] == [(1, 0.5), (2, 0.5)]

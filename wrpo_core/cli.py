@@ -30,7 +30,7 @@ from wrpo_core.config import ConfigError, FusionConfig, SFTJobConfig, WRPOJobCon
 from wrpo_core.registry import RegistryError
 from wrpo_core.schemas import DataError
 from wrpo_core.storage import BlockLoader
-from wrpo_core.train.jobs import TrainingJobError, inside_launched_job, store_reference, train_in_process
+from wrpo_core.train.jobs import TrainingJobError, inside_launched_job, reference_job, train_in_process
 from wrpo_core.train.launch import launch_job
 
 
@@ -63,13 +63,7 @@ def _train(args: argparse.Namespace, hooks: CliHooks) -> dict:
 
 
 def _reference(args: argparse.Namespace, hooks: CliHooks) -> dict:
-    from wrpo_core.reference import REFERENCE_FILE
-
-    job = load_config(args.config, WRPOJobConfig)
-    if not job.training.precompute_reference:
-        raise ConfigError(f"{args.config}: training.precompute_reference is false; nothing to precompute")
-    logps = store_reference(job)
-    return {"rows": len(logps), "stored": f"{job.output_dir}/{REFERENCE_FILE}"}
+    return reference_job(load_config(args.config, WRPOJobConfig), where=args.config)
 
 
 def _config_check(args: argparse.Namespace, hooks: CliHooks) -> dict:

@@ -56,8 +56,8 @@ class StorageConfig(ConfigModel):
 
     url: str = Field(
         default="./runs",
-        description="Root of all runs: a local path or fsspec URL (s3://bucket/prefix); a run lives under "
-        "<url>/<run_name>.",
+        description="Root of all runs: a local path or fsspec URL (s3://bucket/prefix); each run lives in "
+        "the folder run_name below it.",
     )
     storage_options: dict[str, str | int | float | bool | None] = Field(
         default_factory=dict, description="Passed to fsspec (e.g. endpoint_url for S3); keep secrets in env."

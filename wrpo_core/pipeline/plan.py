@@ -26,8 +26,9 @@ from wrpo_core.locations import location_fingerprint
 from wrpo_core.pipeline import data, publishing, training
 from wrpo_core.pipeline.roles import DPO_BASELINE, FUSED, TARGET_SFT
 from wrpo_core.pipeline.runner import Outcome, Stage, config_hash, run_stage_outcome, sibling_runs
-from wrpo_core.pipeline.training import NO_HOOKS, TrainingHooks
+from wrpo_core.pipeline.training import TrainingHooks
 from wrpo_core.storage import DEFAULT_ROWS_PER_FILE, BlockLoader, RunLayout, safe_name
+from wrpo_core.train.jobs import LogCallback, MetricsCallback
 
 logger = logging.getLogger(__name__)
 
@@ -129,24 +130,45 @@ def _stage_builders(
     return builders
 
 
-def pipeline_stages(cfg: FusionConfig, layout: RunLayout, hooks: TrainingHooks = NO_HOOKS) -> list[Stage]:
+def pipeline_stages(
+    cfg: FusionConfig,
+    layout: RunLayout,
+    *,
+    on_log: LogCallback | None = None,
+    on_metrics: MetricsCallback | None = None,
+) -> list[Stage]:
     """The ordered stages of a whole fusion run, each with its settings key and prerequisites.
 
-    `hooks` receive the training stages' log lines and per-step metrics.
+    `on_log` / `on_metrics` receive the training stages' log lines and per-step metrics rows.
     """
+    hooks = TrainingHooks(on_log, on_metrics)
     return [build() for build in _stage_builders(cfg, layout, hooks).values()]
 
 
-def pipeline_stage(cfg: FusionConfig, layout: RunLayout, name: str, hooks: TrainingHooks = NO_HOOKS) -> Stage:
-    """One stage of the run's plan by name, built without building the others."""
-    builders = _stage_builders(cfg, layout, hooks)
+def pipeline_stage(
+    cfg: FusionConfig,
+    layout: RunLayout,
+    name: str,
+    *,
+    on_log: LogCallback | None = None,
+    on_metrics: MetricsCallback | None = None,
+) -> Stage:
+    """One stage of the run's plan by name, built without building the others (see `pipeline_stages`)."""
+    builders = _stage_builders(cfg, layout, TrainingHooks(on_log, on_metrics))
     if name not in builders:
         raise ValueError(f"run {cfg.run_name} has no stage {name!r}; its stages: {list(builders)}")
     return builders[name]()
 
 
-def dpo_baseline_stage(cfg: FusionConfig, layout: RunLayout, hooks: TrainingHooks = NO_HOOKS) -> Stage:
+def dpo_baseline_stage(
+    cfg: FusionConfig,
+    layout: RunLayout,
+    *,
+    on_log: LogCallback | None = None,
+    on_metrics: MetricsCallback | None = None,
+) -> Stage:
     """The DPO baseline (WRPO at alpha 0 on the same data) as a stage after WRPO; not in the plan itself."""
+    hooks = TrainingHooks(on_log, on_metrics)
     key = {"wrpo": training.dpo_training(cfg).model_dump(mode="json")}
     return Stage(
         DPO_BASELINE, lambda: training.dpo_baseline(cfg, layout, hooks=hooks), key, (FUSED,), TARGET_SFT

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wrpo_core.config import FusionConfig, SFTJobConfig, WRPOConfig, WRPOJobConfig
-from wrpo_core.locations import resolve_location
 from wrpo_core.pipeline.data import rows_of_split
 from wrpo_core.pipeline.publishing import finish_model
 from wrpo_core.pipeline.roles import DPO_BASELINE, FUSED, TARGET_SFT
@@ -63,7 +62,7 @@ def sft(cfg: FusionConfig, layout: RunLayout, hooks: TrainingHooks = NO_HOOKS) -
     pairs = rows_of_split(layout, layout.read_dataset(layout.best_source, BEST_SOURCE), "sft")
     layout.write_dataset(layout.sft_pairs, pairs, BEST_SOURCE)
     job = SFTJobConfig(
-        model=resolve_location(cfg.target.path), data=layout.local_table_file(layout.sft_pairs, BEST_SOURCE),
+        model=cfg.target.path, data=layout.local_table_file(layout.sft_pairs, BEST_SOURCE),
         output_dir=str(layout.model_dir(TARGET_SFT)), trust_remote_code=cfg.target.trust_remote_code,
         training=cfg.sft, launch=cfg.launch,
     )  # fmt: skip

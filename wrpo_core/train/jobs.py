@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
-from wrpo_core.config import LaunchConfig, SFTJobConfig, WRPOJobConfig
+from wrpo_core.config import ConfigError, LaunchConfig, SFTJobConfig, WRPOJobConfig
 from wrpo_core.train.checkpoints import SAVE_ON_EACH_NODE_ENV
 
 if TYPE_CHECKING:
@@ -145,3 +145,16 @@ def store_reference(job: WRPOJobConfig) -> np.ndarray | None:
 
     tokenizer = load_tokenizer(job.model, trust_remote_code=job.trust_remote_code)
     return prepare_reference(job, load_quadruples(job.data), tokenizer)
+
+
+def reference_job(job: WRPOJobConfig, *, where: str) -> dict[str, Any]:
+    """`wrpo reference`: stores a WRPO job's reference log-probs with its data; what was stored.
+
+    ConfigError (naming `where`, the job's file) for a job that trains without stored ones.
+    """
+    from wrpo_core.reference import REFERENCE_FILE
+
+    if not job.training.precompute_reference:
+        raise ConfigError(f"{where}: training.precompute_reference is false; nothing to precompute")
+    logps = store_reference(job)
+    return {"rows": None if logps is None else len(logps), "stored": f"{job.output_dir}/{REFERENCE_FILE}"}

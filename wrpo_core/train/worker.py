@@ -20,7 +20,7 @@ from typing import NoReturn
 
 from wrpo_core.config import ConfigError, SFTJobConfig, WRPOJobConfig, load_config
 from wrpo_core.schemas import DataError
-from wrpo_core.train.jobs import store_reference, train_in_process
+from wrpo_core.train.jobs import reference_job, train_in_process
 
 WORKER_MODULE = "wrpo_core.train.worker"
 """What torchrun runs in each worker process: this module (`run_torchrun_worker`)."""
@@ -48,22 +48,12 @@ def run_worker(argv: list[str]) -> int:
             job = load_config(args.config, SFTJobConfig if args.stage == "sft" else WRPOJobConfig)
             result = train_in_process(args.stage, job)
         else:
-            result = _reference(args.config)
+            result = reference_job(load_config(args.config, WRPOJobConfig), where=args.config)
     except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2, default=str))
     return 0
-
-
-def _reference(config: str) -> dict:
-    from wrpo_core.reference import REFERENCE_FILE
-
-    job = load_config(config, WRPOJobConfig)
-    if not job.training.precompute_reference:
-        raise ConfigError(f"{config}: training.precompute_reference is false; nothing to precompute")
-    logps = store_reference(job)
-    return {"rows": None if logps is None else len(logps), "stored": f"{job.output_dir}/{REFERENCE_FILE}"}
 
 
 def run_torchrun_worker(argv: list[str]) -> NoReturn:

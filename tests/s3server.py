@@ -117,7 +117,7 @@ class S3Server:
                 start_new_session=True, cwd=self.root,
             )  # fmt: skip
         deadline = time.monotonic() + timeout
-        while not (http_answers(self.port) and self.bucket_exists()):
+        while not (http_answers(self.port) and self.bucket_exists() and self.objects_round_trip()):
             if self.process.poll() is not None:
                 raise RuntimeError(f"weed exited with {self.process.returncode}; see {self.root / 'logs'}")
             if time.monotonic() > deadline:
@@ -135,6 +135,21 @@ class S3Server:
             fs.call_s3("head_bucket", Bucket=self.bucket)
             return True
         except FileNotFoundError:
+            return False
+
+    def objects_round_trip(self) -> bool:
+        """Whether an object can be written and read back: the volume server is up, not only S3's front.
+
+        After a restart on existing data, S3 answers and the bucket exists a moment before reads of
+        stored objects work (until then: "InternalError ... please try again").
+        """
+        import s3fs
+
+        fs = s3fs.S3FileSystem(**self.storage_options(), skip_instance_cache=True)
+        try:
+            fs.pipe_file(f"{self.bucket}/.ready-probe", b"ok")
+            return fs.cat_file(f"{self.bucket}/.ready-probe") == b"ok"
+        except Exception:  # any failure means: not ready yet (the caller's deadline bounds the wait)
             return False
 
     def _signal_group(self, sig: signal.Signals) -> None:

@@ -4,6 +4,7 @@ read, models moved through storage, and clear errors, on a local folder and on a
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -319,3 +320,29 @@ def test_credentials_and_endpoint_from_the_environment(s3_server, s3_prefix, mon
     with pytest.raises(StorageError, match="access denied") as error:
         Storage.open(s3_prefix).check()
     assert "env-wrong-secret" not in str(error.value)
+
+
+def test_a_retrained_remote_model_with_the_same_file_sizes_is_downloaded_again(tmp_path):
+    """Another machine's cached copy follows the manifest's save, not the files' sizes."""
+    url = f"memory://retrain-{tmp_path.name}/run"
+    trainer = RunLayout(url, cache_dir=tmp_path / "trainer")
+    folder = trainer.model_dir("tiny")
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"1" * 64)
+    (folder / "extra.json").write_text("{}")
+    trainer.save_model("tiny")
+    trainer.commit("train-tiny", {})
+    assert trainer.model("tiny") == str(folder)  # the trainer's own folder is this save: kept as is
+
+    reader = RunLayout(url, cache_dir=tmp_path / "reader")
+    cached = Path(reader.model("tiny"))
+    assert (cached / "model.safetensors").read_bytes() == b"1" * 64
+    trainer.begin("train-tiny")  # retrained: same names and sizes, other weights, one file fewer
+    (folder / "model.safetensors").write_bytes(b"2" * 64)
+    (folder / "extra.json").unlink()
+    trainer.save_model("tiny")
+    trainer.commit("train-tiny", {})
+    again = RunLayout(url, cache_dir=tmp_path / "reader")
+    assert Path(again.model("tiny")) == cached
+    assert (cached / "model.safetensors").read_bytes() == b"2" * 64
+    assert not (cached / "extra.json").exists()  # what the new save lacks is gone

@@ -51,6 +51,8 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 1
 DEFAULT_ROWS_PER_FILE = 200_000
+CACHED_SAVE_FILE = ".wrpo-saved-id.json"
+"""In a cached download of a model: which save (the manifest entry's `saved_id`) the files are."""
 IO_THREADS = 4  # partitions written or read at once
 
 
@@ -367,24 +369,31 @@ class RunLayout:
             str(path.relative_to(folder))
             for path in folder.rglob("*")
             if path.is_file()
+            and path.name != CACHED_SAVE_FILE
             and not any(fnmatch.fnmatch(path.relative_to(folder).parts[0], pattern) for pattern in exclude)
         )
         key = self.model_key(name)
-        if not self.storage.is_local:
-            self.storage.upload(folder, key, files)
         entry = {
             "files": [{"key": f"{key}/{f}", "bytes": (folder / f).stat().st_size} for f in files],
             "bytes": sum((folder / f).stat().st_size for f in files),
             # Weights of a retrained model keep their sizes: a fresh id makes its readers stale.
             "saved_id": uuid.uuid4().hex,
         }
+        if not self.storage.is_local:
+            self.storage.upload(folder, key, files)
+            if folder == self.cache_dir / key:  # the folder `model()` reads is this very save
+                (folder / CACHED_SAVE_FILE).write_text(
+                    json.dumps({"saved_id": entry["saved_id"], "model": self.storage.display(key)})
+                )
         self.record.models[key] = entry
         return entry
 
     def model(self, name: str) -> str:
         """Local folder of a finished model: its storage folder when local, else a cached download.
 
-        Only files the model's manifest lists are fetched, and only those missing or of another size.
+        The cached copy is the one the manifest lists only if it was downloaded for the same save
+        (the entry's `saved_id`, recorded next to the files): a retrained model, whose files keep
+        their names and sizes, is downloaded again whole, and files the new save lacks are removed.
         """
         key = self.model_key(name)
         _, entry = self.entry(key)
@@ -395,18 +404,27 @@ class RunLayout:
                 raise StorageError(
                     f"manifest of {self.storage.display(key)} lists {file_key!r} outside the model"
                 )
-            wanted.append((file_key[len(key) + 1 :], listed["bytes"]))
+            wanted.append(file_key[len(key) + 1 :])
         self._note_input(key, entry)
         local = self.storage.local_path(key)
         if local is not None:
             return str(local)
         target = self.cache_dir / key
-        missing = [
-            rel
-            for rel, size in wanted
-            if not (target / rel).is_file() or (target / rel).stat().st_size != size
-        ]
-        if missing:
-            logger.info("downloading %d file(s) of %s to %s", len(missing), self.storage.display(key), target)
-            self.storage.download(key, missing, target)
+        marker = target / CACHED_SAVE_FILE
+        saved_id = entry.get("saved_id")
+        cached = json.loads(marker.read_text()) if marker.is_file() else {}
+        if (
+            saved_id is None
+            or cached.get("saved_id") != saved_id
+            or any(not (target / f).is_file() for f in wanted)
+        ):
+            logger.info("downloading %d file(s) of %s to %s", len(wanted), self.storage.display(key), target)
+            marker.unlink(missing_ok=True)  # a download cut short leaves no claim to be complete
+            for stale in (
+                p for p in target.rglob("*") if p.is_file() and str(p.relative_to(target)) not in wanted
+            ):
+                stale.unlink()
+            self.storage.download(key, wanted, target)
+            if saved_id is not None:
+                marker.write_text(json.dumps({"saved_id": saved_id, "model": self.storage.display(key)}))
         return str(target)

@@ -45,7 +45,8 @@ def fusion_config(tmp_path, tiny_model_dir):
     prompts = tmp_path / "prompts.jsonl"
     rows = make_prompts(["reverse", "add", "upper"], 12, seed=0)
     prompts.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in rows))
-    sampling = {"n": 4, "max_new_tokens": 8, "temperature": 1.0}
+    # Untrained models rarely end a turn within 8 tokens: keep their cut samples as candidates.
+    sampling = {"n": 4, "max_new_tokens": 8, "temperature": 1.0, "drop_length_stopped": False}
     small = {"max_steps": 2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1,
              "gradient_checkpointing": False, "learning_rate": 1e-3, "bf16": False}  # fmt: skip
     return FusionConfig.model_validate(

@@ -79,3 +79,33 @@ def test_non_finite_score_names_the_sample():
 def test_missing_prompt_is_named():
     with pytest.raises(DataError, match="prompt_id p1 has no prompt text"):
         score_samples(samples(["a", "b"]), {"p0": "x"}, ToyVerifierScorer())
+
+
+def test_reward_model_loads_at_its_revision(classifier_dir, toy_tokenizer, tmp_path, monkeypatch):
+    """An offline hub cache holds two commits of one reward model: the spec's revision picks the scorer."""
+    import huggingface_hub.constants
+
+    from wrpo_core.toy.families import add_to_hub_cache
+
+    config = tiny_llama_config(toy_tokenizer)
+    config.num_labels = 1
+    other = LlamaForSequenceClassification(config)
+    other_dir = tmp_path / "other"
+    other.save_pretrained(other_dir)
+    toy_tokenizer.save_pretrained(other_dir)
+    add_to_hub_cache(classifier_dir, tmp_path / "hub", "org/rm", commit="a" * 40, refs=("main",))
+    add_to_hub_cache(other_dir, tmp_path / "hub", "org/rm", commit="b" * 40, refs=("v2",))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    def scores(path, revision=None):
+        spec = RewardModelSpec(path=path, revision=revision)
+        return SequenceClassifierScorer(spec, device="cpu", progress=False).score(PROMPTS, RESPONSES)
+
+    assert scores("org/rm") == pytest.approx(scores(classifier_dir), abs=1e-6)
+    at_v2 = scores("org/rm", "v2")
+    assert at_v2 == pytest.approx(scores(str(other_dir)), abs=1e-6)
+    assert at_v2 != pytest.approx(scores(classifier_dir), abs=1e-6)
+    assert (
+        SequenceClassifierScorer(RewardModelSpec(path="org/rm", revision="v2"), progress=False).name
+        == "org/rm@v2"
+    )

@@ -104,11 +104,15 @@ def test_vllm_sampler_up_to_the_engine_call(toy_tokenizer, monkeypatch):
     fake.SamplingParams = SamplingParams
     monkeypatch.setitem(sys.modules, "vllm", fake)
 
+    eot = toy_tokenizer.eos_token_id
+    chars = toy_tokenizer("cbaaa", add_special_tokens=False)["input_ids"]
+
     class Engine:
         def generate(self, prompts, params, use_tqdm):
             self.prompts, self.params = prompts, params
-            done = types.SimpleNamespace(text="cba", token_ids=[1, 2, 3, 7], finish_reason="stop")
-            cut = types.SimpleNamespace(text="cbaaa", token_ids=[1] * 5, finish_reason="length")
+            # The text is decoded from the ids up to the end token, whatever vLLM's own text holds.
+            done = types.SimpleNamespace(text="cba<|end|>", token_ids=[*chars[:3], eot], finish_reason="stop")
+            cut = types.SimpleNamespace(text="cbaaa", token_ids=chars, finish_reason="length")
             return [types.SimpleNamespace(outputs=[done if i % 2 == 0 else cut]) for i in range(len(prompts))]
 
     spec = ModelSpec(
@@ -129,6 +133,37 @@ def test_vllm_sampler_up_to_the_engine_call(toy_tokenizer, monkeypatch):
     assert first.stop_token_ids == [toy_tokenizer.eos_token_id]
     assert [p.seed for p in engine.params] == [sample_seed(3, "m", "a", 0), sample_seed(3, "m", "a", 1)]
     assert table["finish_reason"].to_pylist() == ["stop", "length"]
+    assert table["text"].to_pylist() == ["cba", "cbaaa"]
     assert table["completion_tokens"].to_pylist() == [4, 5]
     assert table["sample_index"].to_pylist() == [0, 1]
     assert report.prompts_skipped_empty == 1 and report.finished_by_length == 1
+
+
+def test_vllm_sampler_stops_on_every_end_token_of_the_generation_config(toy_tokenizer, monkeypatch):
+    import sys
+    import types
+
+    from transformers import GenerationConfig
+
+    from wrpo_core.config import ModelSpec
+    from wrpo_core.sampling.vllm import VLLMSampler
+
+    fake = types.ModuleType("vllm")
+    fake.SamplingParams = lambda **kwargs: types.SimpleNamespace(**kwargs)
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    other = toy_tokenizer.convert_tokens_to_ids("</s>")
+    chars = toy_tokenizer("ok", add_special_tokens=False)["input_ids"]
+
+    class Engine:
+        def generate(self, prompts, params, use_tqdm):
+            self.params = params
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(
+                text="ok</s>", token_ids=[*chars, other], finish_reason="stop")])]  # fmt: skip
+
+    engine = Engine()
+    spec = ModelSpec(path="org/m", name="m", backend="vllm", sampling={"n": 1})
+    sampler = VLLMSampler(engine, toy_tokenizer, spec, GenerationConfig(eos_token_id=[other]), progress=False)
+    table, _ = sampler.sample(["a"], ["reverse: abc"])
+    assert engine.params[0].stop_token_ids == [toy_tokenizer.eos_token_id, other]
+    assert engine.params[0].max_tokens == 4096
+    assert table["text"].to_pylist() == ["ok"] and table["completion_tokens"].to_pylist() == [3]

@@ -92,9 +92,12 @@ def test_best_source_tie_takes_smallest_model_then_sample_index():
 
 
 def test_best_source_counts_truncated_winners():
+    # Only when length-stopped samples are kept as candidates (they are dropped by default).
     samples, scores = _tables([("p1", "a", 0, 1.0)], finish="length")
-    _, report = select_best_source(samples, scores, _prompts("p1"))
+    _, report = select_best_source(samples, scores, _prompts("p1"), drop_length_stopped=False)
     assert report.ws_truncated == 1
+    _, report = select_best_source(samples, scores, _prompts("p1"))
+    assert (report.ws_truncated, report.rows_out, report.dropped_length_stopped) == (0, 0, 1)
 
 
 def test_sample_without_score_is_named():

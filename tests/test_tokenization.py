@@ -11,6 +11,8 @@ from wrpo_core.tokenization import (
     ResponseCollator,
     encode_example,
     end_of_turn_id,
+    stop_token_ids,
+    template_end_of_turn_id,
     truncate,
 )
 
@@ -118,3 +120,32 @@ def test_sequence_logps_against_a_loop():
                 expected += torch.log_softmax(logits[row, t - 1], -1)[labels[row, t]].item()
         assert total[row].item() == pytest.approx(expected, abs=1e-5)
     assert count.tolist() == [2, 4]
+
+
+def test_end_of_turn_is_the_templates_even_when_eos_differs(toy_tokenizer):
+    # Like Gemma-2 (<eos> vs <end_of_turn>) or Phi-3 (<|endoftext|> vs <|end|>): labels and stops need <|end|>.
+    tok = copy.deepcopy(toy_tokenizer)
+    tok.eos_token = "</s>"
+    end = tok.convert_tokens_to_ids("<|end|>")
+    assert template_end_of_turn_id(tok) == end == end_of_turn_id(tok) != tok.eos_token_id
+    out = encode_example(tok, "ab", ["cd"], max_length=64, max_prompt_length=32)
+    assert out.response_ids[0] == ids(tok, "cd<|end|>")
+    assert end_of_turn_id(tok, "</s>") == tok.eos_token_id  # an explicit token still wins
+
+
+def test_end_of_turn_needs_a_template_that_writes_the_reply(toy_tokenizer):
+    tok = copy.deepcopy(toy_tokenizer)
+    tok.chat_template = "{% for m in messages %}<|{{ m['role'] }}|>{% endfor %}"
+    with pytest.raises(ValueError, match="does not write the assistant message's content"):
+        end_of_turn_id(tok)
+
+
+def test_stop_tokens_add_every_generation_config_end_token(toy_tokenizer):
+    from transformers import GenerationConfig
+
+    tok = toy_tokenizer
+    end, other = tok.convert_tokens_to_ids("<|end|>"), tok.convert_tokens_to_ids("</s>")
+    assert stop_token_ids(tok) == [end]
+    assert stop_token_ids(tok, GenerationConfig(eos_token_id=other)) == [end, other]
+    assert stop_token_ids(tok, GenerationConfig(eos_token_id=[other, end])) == [end, other]
+    assert stop_token_ids(tok, GenerationConfig()) == [end]

@@ -186,6 +186,7 @@ def test_ipo_and_simpo_jobs_run(tmp_path, quadruples, tiny_model_dir):
             per_device_train_batch_size=4,
             max_steps=2,
             loss_type=loss_type,
+            beta=2.5 if loss_type == "simpo" else 0.01,  # SimPO's scale (its paper) vs DPO's
             max_length=64,
             max_prompt_length=32,
         )

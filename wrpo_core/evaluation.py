@@ -38,17 +38,22 @@ class GreedyAnswers(NamedTuple):
 
 
 def greedy_answers(
-    model_path: str, prompts: list[str], *, max_new_tokens: int, batch_size: int = 64
+    model_path: str,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 64,
+    revision: str | None = None,
 ) -> GreedyAnswers:
-    """One greedy response per prompt from the model at `model_path`, through the production sampler.
+    """One greedy response per prompt from the model at `model_path` (at `revision`), through the production sampler.
 
     Returns the answers (aligned with `prompts`) and the indices of prompts the sampler skipped
     (empty prompts), whose answers are "".
     """
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_causal_lm(model_path).to(device).eval()
+    model = load_causal_lm(model_path, revision=revision).to(device).eval()
     sampler = HFSampler(
-        model, load_tokenizer(model_path), "eval",
+        model, load_tokenizer(model_path, revision=revision), "eval",
         SamplingConfig(n=1, temperature=0.0, max_new_tokens=max_new_tokens), batch_size=batch_size, progress=False,
     )  # fmt: skip
     ids = [str(i) for i in range(len(prompts))]

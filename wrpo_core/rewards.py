@@ -2,7 +2,8 @@
 
 Scores are stored per sample with the reward model's id (SCORES schema). A NaN or infinite
 score fails, naming the sample. Custom-code reward models such as ArmoRM load only with an
-explicit `trust_remote_code: true` on that reward model's config.
+explicit `trust_remote_code: true` on that reward model's config. Tokenizer and model are
+loaded at the spec's `revision`.
 """
 
 from __future__ import annotations
@@ -51,16 +52,19 @@ class SequenceClassifierScorer:
     def __init__(self, spec: RewardModelSpec, *, device: str | None = None, progress: bool = True):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        self.name = spec.path
+        # Scores of another revision come from another reward model: the name says which.
+        self.name = spec.path if spec.revision is None else f"{spec.path}@{spec.revision}"
         self.batch_size = spec.batch_size
         self.max_length = spec.max_length
         self.progress = progress
-        self.tokenizer = AutoTokenizer.from_pretrained(spec.path, trust_remote_code=spec.trust_remote_code)
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            spec.path, trust_remote_code=spec.trust_remote_code, revision=spec.revision
+        )
         self.tokenizer.truncation_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForSequenceClassification.from_pretrained(
-            spec.path, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code
+            spec.path, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code, revision=spec.revision
         ).eval()
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id

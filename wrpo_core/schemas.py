@@ -30,6 +30,10 @@
 |              | y_l_score          | float64 | yes  | its reward (null = unknown)                        |
 |              | ref_logp_ws/wt/l   | float64 | yes  | summed reference log-probs, filled by the trainer  |
 
+A sample's finish_reason is "stop" when it ended with one of the model's end tokens (the end token
+is counted in completion_tokens, not written to text) and "length" when max_new_tokens cut it;
+selection leaves "length" samples out of y_ws / y_wt / y_l by default (see wrpo_core.selection).
+
 Allowed values of a string column are stored in the field metadata key ``allowed_values``
 (comma separated) and enforced by :func:`conform`.
 

@@ -15,11 +15,23 @@ Tie rules (exact float equality), chosen so every choice is deterministic:
   score the same (``dropped_all_equal``) carries no preference signal and is dropped; a prompt
   with target samples but no y_ws is dropped as ``dropped_missing_source`` (checked first).
 
+Length-stopped samples (finish_reason "length": cut by the sampler's max_new_tokens) are left out
+of the choice by default (``drop_length_stopped``; per source model in ``select_best_source``):
+training appends an end-of-turn token to every chosen response, so a cut one teaches an abrupt
+ending. They must still be scored (the join checks every sample). Counters:
+``samples_length_stopped`` (length-stopped samples in the input), ``samples_length_stopped_dropped``
+(of those, left out), and ``dropped_length_stopped``: prompts lost only because length-stopped
+samples were left out (for y_ws: every sample of the prompt was; for y_wt / y_l: it had 2 or more
+samples and fewer than 2 remain). ``ws_truncated``, ``wt_truncated`` and ``l_truncated`` count
+chosen responses that were length-stopped (0 while dropping).
+
 Joins and sorts run in pyarrow; the per-prompt pass is one linear loop, so millions of rows are fine.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -43,7 +55,12 @@ class SelectionReport:
     dropped_all_equal: int = 0
     dropped_too_few: int = 0
     dropped_missing_source: int = 0
+    dropped_length_stopped: int = 0
+    samples_length_stopped: int = 0
+    samples_length_stopped_dropped: int = 0
     ws_truncated: int = 0
+    wt_truncated: int = 0
+    l_truncated: int = 0
     ws_share: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -111,6 +128,29 @@ def _scored(samples: pa.Table, scores: pa.Table, *, what: str) -> pa.Table:
     return joined.select([*_KEY, "score", "_row"])
 
 
+def _drop_length_stopped(
+    samples: pa.Table, joined: pa.Table, drop: bool | Collection[str], report: SelectionReport
+) -> pa.Table:
+    """`joined` without the length-stopped samples `drop` names; counts them in `report`.
+
+    `drop`: True = every model's, False = none, a collection of model names = those models'.
+    """
+    stopped = pc.equal(samples.column("finish_reason").take(joined.column("_row")), "length")
+    if isinstance(drop, bool):
+        dropped = stopped if drop else pc.and_(stopped, False)
+    else:
+        models = pa.array(sorted(drop), pa.string())
+        dropped = pc.and_(stopped, pc.is_in(joined.column("model"), value_set=models))
+    report.samples_length_stopped = pc.sum(stopped).as_py() or 0
+    report.samples_length_stopped_dropped = pc.sum(dropped).as_py() or 0
+    return joined.filter(pc.invert(dropped))
+
+
+def _count_length_stopped(samples: pa.Table, rows: pa.ChunkedArray | pa.Array) -> int:
+    """How many of the samples at `rows` were cut by the length limit."""
+    return pc.sum(pc.equal(samples.column("finish_reason").take(rows), "length")).as_py() or 0
+
+
 def _groups(prompt_ids: list[str]) -> list[tuple[str, int, int]]:
     """(prompt_id, start, end) runs of equal ids in a sorted list."""
     runs = []
@@ -123,12 +163,18 @@ def _groups(prompt_ids: list[str]) -> list[tuple[str, int, int]]:
 
 
 def select_best_source(
-    samples: pa.Table, scores: pa.Table, prompts: pa.Table
+    samples: pa.Table,
+    scores: pa.Table,
+    prompts: pa.Table,
+    *,
+    drop_length_stopped: bool | Collection[str] = True,
 ) -> tuple[pa.Table, SelectionReport]:
     """Pick y_ws, the best-scored source response of each prompt, as a BEST_SOURCE table in prompt order.
 
     Prompts without any source sample are left out and counted; a sample whose prompt is not in
-    `prompts` is an error.
+    `prompts` is an error. `drop_length_stopped`: whose length-stopped samples cannot be y_ws
+    (True = every model's, False = none, or a collection of model names); a prompt whose every
+    sample was left out so is counted in `dropped_length_stopped`.
     """
     prompts = conform(prompts, PROMPTS, where="prompts")
     _check_unique(prompts, ["prompt_id"], "prompts")
@@ -138,6 +184,9 @@ def select_best_source(
     if joined.num_rows and pc.any(unknown).as_py():
         row = _first(joined.filter(unknown), _KEY)
         raise DataError(f"source samples: sample {_key_text(row)} has a prompt_id that is not in the prompts")
+    report = SelectionReport(prompts_in=prompts.num_rows)
+    sampled = set(joined.column("prompt_id").to_pylist())
+    joined = _drop_length_stopped(samples, joined, drop_length_stopped, report)
     ordered = joined.sort_by(
         [
             ("prompt_id", "ascending"),
@@ -148,7 +197,6 @@ def select_best_source(
     )
     ids = ordered.column("prompt_id").to_pylist()
     score_list = ordered.column("score").to_pylist()
-    report = SelectionReport(prompts_in=prompts.num_rows)
     best: dict[str, int] = {}  # prompt_id -> position in `ordered`
     for pid, start, end in _groups(ids):
         best[pid] = start
@@ -172,10 +220,9 @@ def select_best_source(
         }
     )
     report.rows_out = table.num_rows
-    report.prompts_without_samples = prompts.num_rows - table.num_rows
-    report.ws_truncated = (
-        pc.sum(pc.equal(samples.column("finish_reason").take(sample_rows), "length")).as_py() or 0
-    )
+    report.dropped_length_stopped = sum(pid in sampled and pid not in best for pid in prompt_ids)
+    report.prompts_without_samples = prompts.num_rows - table.num_rows - report.dropped_length_stopped
+    report.ws_truncated = _count_length_stopped(samples, sample_rows)
     models = sorted(pc.unique(samples.column("model")).to_pylist())
     counts = dict.fromkeys(models, 0)
     for model in chosen.column("model").to_pylist():
@@ -185,11 +232,17 @@ def select_best_source(
 
 
 def select_target_pairs(
-    best_source: pa.Table, target_samples: pa.Table, target_scores: pa.Table
+    best_source: pa.Table,
+    target_samples: pa.Table,
+    target_scores: pa.Table,
+    *,
+    drop_length_stopped: bool = True,
 ) -> tuple[pa.Table, SelectionReport]:
     """Build QUADRUPLES (x, y_ws, y_wt, y_l) from y_ws and scored Target-SFT samples, in best_source order.
 
-    Reference log-prob columns are left null. Target samples must come from one model.
+    Reference log-prob columns are left null. Target samples must come from one model. With
+    `drop_length_stopped`, length-stopped samples are neither y_wt nor y_l; a prompt left with
+    fewer than 2 samples by that is counted in `dropped_length_stopped`.
     """
     best_source = conform(best_source, BEST_SOURCE, where="best source")
     _check_unique(best_source, ["prompt_id"], "best source")
@@ -201,6 +254,9 @@ def select_target_pairs(
             "pass the samples of one Target-SFT model"
         )
     joined = _scored(target_samples, conform(target_scores, SCORES, where="target scores"), what="target")
+    report = SelectionReport(prompts_in=best_source.num_rows)
+    sampled = Counter(joined.column("prompt_id").to_pylist())  # prompt_id -> samples, before dropping
+    joined = _drop_length_stopped(target_samples, joined, drop_length_stopped, report)
     ordered = joined.sort_by(
         [("prompt_id", "ascending"), ("score", "descending"), ("sample_index", "ascending")]
     )
@@ -208,22 +264,25 @@ def select_target_pairs(
     score_list = ordered.column("score").to_pylist()
     source_ids = best_source.column("prompt_id").to_pylist()
     source_set = set(source_ids)
-    report = SelectionReport(prompts_in=best_source.num_rows)
+    runs = {pid: (start, end) for pid, start, end in _groups(ids)}
     pairs: dict[str, tuple[int, int]] = {}  # prompt_id -> (best position, worst position) in `ordered`
-    for pid, start, end in _groups(ids):
+    for pid in sorted(sampled):
+        start, end = runs.get(pid, (0, 0))
         last = end - 1
         if pid not in source_set:
             report.dropped_missing_source += 1
         elif end - start < 2:
-            report.dropped_too_few += 1
+            if sampled[pid] >= 2:
+                report.dropped_length_stopped += 1
+            else:
+                report.dropped_too_few += 1
         elif score_list[start] == score_list[last]:
             report.dropped_all_equal += 1
         else:
             pairs[pid] = (start, last)
             report.tied_best += int(score_list[start] == score_list[start + 1])
             report.tied_worst += int(score_list[last] == score_list[last - 1])
-    with_samples = set(ids)
-    report.prompts_without_samples = sum(pid not in with_samples for pid in source_ids)
+    report.prompts_without_samples = sum(pid not in sampled for pid in source_ids)
 
     keep = [i for i, pid in enumerate(source_ids) if pid in pairs]
     source = best_source.take(pa.array(keep, pa.int64()))
@@ -248,4 +307,6 @@ def select_target_pairs(
         }
     )
     report.rows_out = table.num_rows
+    report.wt_truncated = _count_length_stopped(target_samples, wt.column("_row"))
+    report.l_truncated = _count_length_stopped(target_samples, lo.column("_row"))
     return conform(table, QUADRUPLES, where="quadruples output"), report

@@ -5,11 +5,20 @@ Rules (used identically by SFT, reference log-probs and WRPO):
 - The prompt is the chat template applied to one user turn WITH the generation prompt (so
   the assistant header belongs to the prompt and is masked). The response is what the
   template adds for the assistant turn after that prefix.
+- The end-of-turn token is the model's, read from its chat template (`end_of_turn_id`): the
+  first added token the template writes after an assistant message (Llama-3-Instruct
+  <|eot_id|>, Gemma-2 <end_of_turn>, Qwen2 / InternLM2.5 / Yi <|im_end|>, Phi-3 <|end|>,
+  Mistral </s>), not `tokenizer.eos_token`, which differs for several families (Gemma-2's
+  <eos>, Phi-3's <|endoftext|>, InternLM's </s>, the first Llama-3-Instruct release's
+  <|end_of_text|>). Only a template that writes no added token after the message falls back
+  to the eos token. Samplers stop on that token and on every end token the model's
+  generation config names (`stop_token_ids`).
 - Exactly one end-of-turn token ends every response: tokens the template puts after the
-  end-of-turn token (e.g. Qwen's trailing "\\n") are dropped, and one is appended only when
-  the template emits none. The authors' pipeline appends `eos_token_id` to a response whose
-  template already ended it with <|eot_id|>, training on a second end token; we do not.
-  Their labels also include the assistant header tokens; ours start after the header.
+  end-of-turn token (e.g. Qwen's trailing "\\n", Phi-3-mini's eos after <|end|>) are dropped,
+  and one is appended only when the template emits none. The authors' pipeline appends
+  `eos_token_id` to a response whose template already ended it with <|eot_id|>, training on a
+  second end token; we do not. Their labels also include the assistant header tokens; ours
+  start after the header.
 - When prompt + longest response exceeds `max_length`, the prompt is truncated from the
   LEFT to `max_prompt_length` tokens (a leading BOS is kept), then any response still too
   long is cut at the right to fit (a cut response loses its end-of-turn token).
@@ -20,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -51,15 +61,65 @@ class EncodedExample:
     responses_truncated: int
 
 
+_PROBE_USER = "Hello."
+_PROBE_REPLY = "WRPO-end-of-turn-probe"
+"""A user message and an assistant reply rendered through the template to find its end-of-turn token."""
+
+
+def template_end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The first added (special) token the chat template writes right after an assistant message.
+
+    None when the template writes no added token there (e.g. it ends a turn with plain text).
+    """
+    messages = [{"role": "user", "content": _PROBE_USER}, {"role": "assistant", "content": _PROBE_REPLY}]
+    rendered = _template(tokenizer, messages, generation=False)
+    at = rendered.rfind(_PROBE_REPLY)
+    if at < 0:
+        raise ValueError(
+            f"chat template of {tokenizer.name_or_path!r} does not write the assistant message's content; "
+            "cannot find the token that ends an assistant turn"
+        )
+    added = tokenizer.added_tokens_decoder
+    tail = _ids(tokenizer, rendered[at + len(_PROBE_REPLY) :])
+    return next((token_id for token_id in tail if token_id in added), None)
+
+
 def end_of_turn_id(tokenizer: PreTrainedTokenizerBase, end_of_turn_token: str | None = None) -> int:
-    """The id that ends an assistant turn: `end_of_turn_token` if given, else the tokenizer's eos."""
+    """The id that ends an assistant turn: `end_of_turn_token` if given, else the chat template's.
+
+    The template's is the first added token it writes after an assistant message
+    (`template_end_of_turn_id`); a template that writes none there ends turns with the eos token.
+    """
+    if end_of_turn_token is None:
+        found = template_end_of_turn_id(tokenizer)
+        if found is not None:
+            return int(found)
     token = end_of_turn_token or tokenizer.eos_token
     if token is None:
-        raise ValueError("the tokenizer has no eos_token; pass end_of_turn_token (e.g. '<|eot_id|>')")
+        raise ValueError(
+            f"chat template of {tokenizer.name_or_path!r} writes no special token after an assistant message "
+            "and the tokenizer has no eos_token; pass end_of_turn_token"
+        )
     token_id = tokenizer.convert_tokens_to_ids(token)
     if token_id is None or token_id == tokenizer.unk_token_id:
         raise ValueError(f"end-of-turn token {token!r} is not in the tokenizer's vocabulary")
     return int(token_id)
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, generation_config: Any = None) -> list[int]:
+    """Every token id that ends a sample: the end-of-turn id first, then the model's other end tokens.
+
+    The others are the generation config's `eos_token_id` (an id or a list of ids; Llama-3-Instruct
+    names both <|end_of_text|> and <|eot_id|>, Qwen2 both <|im_end|> and <|endoftext|>) and the
+    tokenizer's eos token, each once.
+    """
+    found = [end_of_turn_id(tokenizer)]
+    named = getattr(generation_config, "eos_token_id", None)
+    named = [] if named is None else [named] if isinstance(named, int) else list(named)
+    for token_id in [*named, tokenizer.eos_token_id]:
+        if token_id is not None and int(token_id) not in found:
+            found.append(int(token_id))
+    return found
 
 
 def _template(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], *, generation: bool) -> str:

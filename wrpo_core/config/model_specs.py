@@ -30,9 +30,19 @@ class SamplingConfig(ConfigModel):
         int,
         Field(
             ge=1,
-            description="Most tokens generated per response. The authors' pipeline (SimPO's) allows 4096.",
+            description="Most tokens generated per response; a response cut at this limit has "
+            "finish_reason 'length'. The authors' pipeline (SimPO's) allows 4096.",
         ),
-    ] = 2048
+    ] = 4096
+    drop_length_stopped: bool = Field(
+        default=True,
+        description="Leave this model's responses that were cut by `max_new_tokens` (finish_reason "
+        "'length') out of the choice of y_ws, y_wt and y_l. Training appends an end-of-turn token to "
+        "every chosen response, so a cut one would teach the target to stop mid-sentence. They are "
+        "still scored and counted per source in the run's statistics (`length_stopped`, "
+        "`length_stopped_dropped`); a prompt left without enough responses is dropped and counted "
+        "(`dropped_length_stopped`). False keeps them as candidates.",
+    )
     seed: int = Field(
         default=42,
         description="Base seed: every (model, prompt, sample index) draws with its own seed derived from it, "
@@ -101,6 +111,11 @@ class RewardModelSpec(ConfigModel):
         default="sequence_classifier",
         description="'sequence_classifier' = an HF sequence-classification model scoring the chat-templated "
         "conversation; 'toy_verifier' = the toy world's exact-answer verifier.",
+    )
+    revision: str | None = Field(
+        default=None,
+        description="Hub commit, tag or branch of the reward model (tokenizer and weights); "
+        "None = the default branch.",
     )
     trust_remote_code: bool = Field(
         default=False, description="Needed by custom-code reward models such as ArmoRM; never on by default."

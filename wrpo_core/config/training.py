@@ -34,8 +34,23 @@ class _TrainingHyperparameters(ConfigModel):
         ),
     ]
     gradient_accumulation_steps: Annotated[
-        int, Field(ge=1, description="Micro-batches whose gradients are summed into one optimizer step.")
+        int,
+        Field(
+            ge=1,
+            description="Micro-batches whose gradients are summed into one optimizer step. Not used when "
+            "global_batch_size is set (then derived from it).",
+        ),
     ]
+    global_batch_size: Annotated[
+        int | None,
+        Field(
+            ge=1,
+            description="Examples per optimizer step over all processes. When set, gradient accumulation is "
+            "global_batch_size / (per_device_train_batch_size x processes), which must divide exactly, so the "
+            "same config keeps its batch on any number of GPUs; None = use gradient_accumulation_steps as "
+            "given (the global batch then grows with the GPUs). Paper: 128.",
+        ),
+    ] = None
     lr_scheduler_type: str = Field(
         default="cosine",
         description="Transformers learning-rate schedule after warmup ('cosine', 'linear', 'constant', ...). "
@@ -80,7 +95,12 @@ class _TrainingHyperparameters(ConfigModel):
 
 
 class SFTConfig(_TrainingHyperparameters):
-    """Target-SFT on (x, y_ws). Paper: lr 7e-6, 1 epoch, batch 8x2x8, cosine, warmup 0.1, 2048."""
+    """Target-SFT on (x, y_ws). Paper: lr 7e-6, 1 epoch, batch 8x2x8, cosine, warmup 0.1, 2048.
+
+    The authors pack examples into full-length sequences and put the loss on the whole text
+    (TRL's SFTTrainer); by default we train one example per sequence with the prompt masked
+    (`packing`, `loss_on_prompt` select their recipe).
+    """
 
     learning_rate: Annotated[
         float, Field(gt=0, description="Peak learning rate, decayed by the schedule. Paper: 7e-6.")
@@ -92,7 +112,11 @@ class SFTConfig(_TrainingHyperparameters):
         ),
     ] = 8
     gradient_accumulation_steps: Annotated[
-        int, Field(ge=1, description="Micro-batches per optimizer step. Paper: 2.")
+        int,
+        Field(
+            ge=1,
+            description="Micro-batches per optimizer step; not used when global_batch_size is set. Paper: 2.",
+        ),
     ] = 2
     max_seq_length: Annotated[
         int, Field(ge=8, description="Most tokens of prompt + response in one example. Paper: 2048.")
@@ -105,6 +129,25 @@ class SFTConfig(_TrainingHyperparameters):
             "many tokens (then the response at the right).",
         ),
     ] = 1800
+    loss_on_prompt: bool = Field(
+        default=False,
+        description="Put the loss on the whole text, prompt and chat-template tokens included (the authors' "
+        "recipe). Default off: the loss covers only the response, so the model learns what it should say, "
+        "not to write users' prompts.",
+    )
+    packing: bool = Field(
+        default=False,
+        description="Pack whole examples into sequences of up to max_seq_length tokens (the authors' recipe: "
+        "about 3x fewer optimizer steps at the same batch size and learning rate). Unlike TRL's packing, "
+        "every example keeps its own positions and attends only to itself, and none is split across "
+        "sequences; this needs a built-in transformers model (not custom modelling code). Default off: "
+        "one example per sequence, the same for every model, and packing without that isolation would let "
+        "examples attend across their boundaries.",
+    )
+
+
+SIMPO_MIN_BETA = 1.0
+"""Smallest beta accepted with loss_type 'simpo' (DPO/WRPO use 0.01-0.5; SimPO 2-10 on averaged log-probs)."""
 
 
 class WRPOConfig(_TrainingHyperparameters):
@@ -122,7 +165,11 @@ class WRPOConfig(_TrainingHyperparameters):
         ),
     ] = 2
     gradient_accumulation_steps: Annotated[
-        int, Field(ge=1, description="Micro-batches per optimizer step. Paper: 8.")
+        int,
+        Field(
+            ge=1,
+            description="Micro-batches per optimizer step; not used when global_batch_size is set. Paper: 8.",
+        ),
     ] = 8
     beta: Annotated[
         float,
@@ -130,7 +177,8 @@ class WRPOConfig(_TrainingHyperparameters):
             gt=0,
             description="Scale of the implicit reward log pi(y|x) - log pi_ref(y|x) in the loss "
             "(for 'simpo': of the length-normalised log pi(y|x)); smaller lets the policy move further "
-            "from the reference. Paper: 0.01.",
+            "from the reference. Paper: 0.01. 'simpo' needs its own scale, at least 1 (SimPO paper, "
+            "Llama-3-8B-Instruct: 2.5): a smaller beta with 'simpo' is an error.",
         ),
     ] = 0.01
     alpha: Annotated[
@@ -164,7 +212,9 @@ class WRPOConfig(_TrainingHyperparameters):
         ),
     ] = 0.0
     simpo_gamma: Annotated[float, Field(ge=0)] = Field(
-        default=0.5, description="SimPO target reward margin (only for loss_type 'simpo')."
+        default=1.375,
+        description="SimPO target reward margin, in reward units (only for loss_type 'simpo'). SimPO paper, "
+        "Llama-3-8B-Instruct: 1.375 (gamma/beta 0.55 at beta 2.5).",
     )
     max_length: Annotated[
         int,
@@ -196,6 +246,17 @@ class WRPOConfig(_TrainingHyperparameters):
         if self.max_prompt_length >= self.max_length:
             raise ValueError(
                 f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length ({self.max_length})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _simpo_beta(self) -> WRPOConfig:
+        if self.loss_type == "simpo" and self.beta < SIMPO_MIN_BETA:
+            raise ValueError(
+                f"beta {self.beta} is a DPO-scale beta, too small for loss_type 'simpo': SimPO's reward is the "
+                f"per-token average log-prob, so it needs beta >= {SIMPO_MIN_BETA} (SimPO uses 2 to 10; SimPO "
+                "paper, Llama-3-8B-Instruct: beta 2.5 with simpo_gamma 1.375); set wrpo.beta (training.beta "
+                "in a job config)"
             )
         return self
 
@@ -249,10 +310,58 @@ class LaunchConfig(ConfigModel):
     )
 
 
-class SFTJobConfig(ConfigModel):
+def planned_world_size(launch: LaunchConfig | None) -> int:
+    """How many training processes a job with this launch section runs.
+
+    nproc_per_node x nnodes for torchrun, num_workers for Ray, 1 without a launch section.
+    """
+    if launch is None:
+        return 1
+    if launch.launcher == "ray":
+        return launch.num_workers
+    return launch.nproc_per_node * launch.nnodes
+
+
+def gradient_accumulation(hp: _TrainingHyperparameters, world_size: int) -> int:
+    """Micro-batches per optimizer step on `world_size` processes: from global_batch_size when it is set.
+
+    ValueError naming the numbers when global_batch_size is not a multiple of
+    per_device_train_batch_size x world_size.
+    """
+    if hp.global_batch_size is None:
+        return hp.gradient_accumulation_steps
+    per_pass = hp.per_device_train_batch_size * world_size
+    if hp.global_batch_size % per_pass:
+        raise ValueError(
+            f"global_batch_size {hp.global_batch_size} is not a multiple of per_device_train_batch_size "
+            f"{hp.per_device_train_batch_size} x {world_size} processes = {per_pass}"
+        )
+    return hp.global_batch_size // per_pass
+
+
+def planned_global_batch(hp: _TrainingHyperparameters, launch: LaunchConfig | None) -> int:
+    """Examples per optimizer step of a job with these settings and launch section (see planned_world_size)."""
+    world_size = planned_world_size(launch)
+    return hp.per_device_train_batch_size * gradient_accumulation(hp, world_size) * world_size
+
+
+class _JobConfig(ConfigModel):
+    """What both job configs check: their global batch divides over the planned processes."""
+
+    @model_validator(mode="after")
+    def _global_batch_divides(self) -> _JobConfig:
+        planned_global_batch(self.training, self.launch)  # a global batch that does not divide is an error
+        return self
+
+
+class SFTJobConfig(_JobConfig):
     """A Target-SFT training job: `wrpo train sft --config FILE`."""
 
     model: str = Field(description="Hub id or local folder of the target model.")
+    revision: str | None = Field(
+        default=None,
+        description="Hub commit, tag or branch of `model` to train from; None = main (or as stored).",
+    )
     data: str = Field(description="Parquet file (BEST_SOURCE schema) with the (x, y_ws) pairs.")
     output_dir: str = Field(description="Folder for checkpoints and the final model (Hugging Face format).")
     trust_remote_code: bool = Field(
@@ -264,7 +373,7 @@ class SFTJobConfig(ConfigModel):
     launch: LaunchConfig | None = Field(default=None, description="None = train in this process.")
 
 
-class WRPOJobConfig(ConfigModel):
+class WRPOJobConfig(_JobConfig):
     """A WRPO training job: `wrpo train wrpo --config FILE`."""
 
     model: str = Field(description="Hub id or local folder of Target-SFT (the policy's start).")

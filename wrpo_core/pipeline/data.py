@@ -9,6 +9,7 @@ the layout and writes its own; the stage runner (`runner.py`) records it in a ma
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 import pyarrow as pa
@@ -20,8 +21,8 @@ from wrpo_core.pipeline.roles import TARGET_SFT
 from wrpo_core.prompts import read_prompts, split_prompts
 from wrpo_core.rewards import load_scorer, score_samples
 from wrpo_core.sampling import load_sampler
-from wrpo_core.schemas import BEST_SOURCE, PROMPTS, QUADRUPLES, SAMPLES, SCORES
-from wrpo_core.selection import select_best_source, select_target_pairs
+from wrpo_core.schemas import BEST_SOURCE, PROMPTS, QUADRUPLES, SAMPLES, SCORES, DataError
+from wrpo_core.selection import SelectionReport, select_best_source, select_target_pairs
 from wrpo_core.storage import RunLayout, digest
 
 
@@ -142,20 +143,51 @@ def _concat(layout: RunLayout, keys: list[str], schema: pa.Schema) -> pa.Table:
     return pa.concat_tables([layout.read_dataset(key, schema) for key in keys])
 
 
+def _check_selected(report: SelectionReport, stage: str, models: str) -> None:
+    """A selection that kept no prompt because every candidate was length-stopped fails, saying so."""
+    if report.rows_out == 0 and report.dropped_length_stopped:
+        raise DataError(
+            f"{stage}: no prompt left: {report.dropped_length_stopped} of {report.prompts_in} prompt(s) lost "
+            f"every candidate because {report.samples_length_stopped_dropped} sample(s) of {models} were cut "
+            "at sampling.max_new_tokens (finish_reason 'length'); raise sampling.max_new_tokens or set "
+            "sampling.drop_length_stopped: false"
+        )
+
+
 def select_source(cfg: FusionConfig, layout: RunLayout) -> dict:
-    """Picks y_ws (best source response over all sources) for every prompt."""
+    """Picks y_ws (best source response over all sources) for every prompt.
+
+    Length-stopped samples of the sources with `sampling.drop_length_stopped` cannot be y_ws.
+    """
     names = [s.name for s in cfg.sources]
+    dropping = {s.name for s in cfg.sources if s.sampling.drop_length_stopped}
     samples = _concat(layout, [layout.samples(n) for n in names], SAMPLES)
     scores = _concat(layout, [layout.scores(n) for n in names], SCORES)
-    best, report = select_best_source(samples, scores, layout.read_dataset(layout.prompts, PROMPTS))
+    best, report = select_best_source(
+        samples, scores, layout.read_dataset(layout.prompts, PROMPTS), drop_length_stopped=dropping
+    )
+    _check_selected(report, "select-source", "the sources")
     layout.write_dataset(layout.best_source, best, BEST_SOURCE)
-    return {**report.as_dict(), "per_model": per_model_statistics(samples, scores, report.ws_share)}
+    per_model = per_model_statistics(samples, scores, report.ws_share, drop_length_stopped=dropping)
+    return {**report.as_dict(), "per_model": per_model}
 
 
-def per_model_statistics(samples: pa.Table, scores: pa.Table, ws_share: dict[str, float]) -> list[dict]:
-    """One row per source model: samples, completion tokens, mean reward, share of y_ws supplied."""
+def per_model_statistics(
+    samples: pa.Table,
+    scores: pa.Table,
+    ws_share: dict[str, float],
+    *,
+    drop_length_stopped: Collection[str] = (),
+) -> list[dict]:
+    """One row per source model: samples, completion tokens, mean reward, share of y_ws supplied, and
+    `length_stopped` (samples cut by max_new_tokens) with `length_stopped_dropped` (of those, the ones
+    left out of selection: all of them for a model in `drop_length_stopped`, else none)."""
     counts = samples.group_by("model").aggregate(
         [("completion_tokens", "sum"), ("completion_tokens", "count")]
+    )
+    cut = samples.filter(pc.equal(samples["finish_reason"], "length"))
+    stopped = dict(
+        zip(*cut.group_by("model").aggregate([([], "count_all")]).to_pydict().values(), strict=True)
     )
     rewards = dict(
         zip(*scores.group_by("model").aggregate([("score", "mean")]).to_pydict().values(), strict=True)
@@ -165,8 +197,11 @@ def per_model_statistics(samples: pa.Table, scores: pa.Table, ws_share: dict[str
         counts["model"].to_pylist(), counts["completion_tokens_sum"].to_pylist(),
         counts["completion_tokens_count"].to_pylist(), strict=True,
     ):  # fmt: skip
+        length_stopped = stopped.get(model, 0)
         rows.append({"model": model, "samples": n, "completion_tokens": tokens,
-                     "mean_reward": rewards.get(model), "ws_share": ws_share.get(model, 0.0)})  # fmt: skip
+                     "mean_reward": rewards.get(model), "ws_share": ws_share.get(model, 0.0),
+                     "length_stopped": length_stopped,
+                     "length_stopped_dropped": length_stopped if model in drop_length_stopped else 0})  # fmt: skip
     return sorted(rows, key=lambda row: row["model"])
 
 
@@ -176,12 +211,17 @@ def target_sft_spec(cfg: FusionConfig, layout: RunLayout) -> ModelSpec:
 
 
 def select_target(cfg: FusionConfig, layout: RunLayout) -> dict:
-    """Picks y_wt / y_l from Target-SFT's samples of the preference prompts into QUADRUPLES."""
+    """Picks y_wt / y_l from Target-SFT's samples of the preference prompts into QUADRUPLES.
+
+    Length-stopped samples are neither y_wt nor y_l when the target's `sampling.drop_length_stopped`.
+    """
     best = rows_of_split(layout, layout.read_dataset(layout.best_source, BEST_SOURCE), "preference")
     quadruples, report = select_target_pairs(
         best,
         layout.read_dataset(layout.samples(TARGET_SFT), SAMPLES),
         layout.read_dataset(layout.scores(TARGET_SFT), SCORES),
+        drop_length_stopped=cfg.target.sampling.drop_length_stopped,
     )
+    _check_selected(report, "select-target", TARGET_SFT)
     layout.write_dataset(layout.quadruples, quadruples, QUADRUPLES)
     return report.as_dict()

@@ -132,7 +132,11 @@ def evaluate(cfg: FusionConfig, layout: RunLayout) -> dict:
     }
     generated = {
         name: greedy_answers(
-            path, prompts, max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size
+            path,
+            prompts,
+            max_new_tokens=settings.max_new_tokens,
+            batch_size=settings.batch_size,
+            revision=cfg.target.revision if name == "target" else None,
         )
         for name, path in models.items()
     }

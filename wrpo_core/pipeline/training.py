@@ -18,7 +18,14 @@ from wrpo_core.pipeline.roles import DPO_BASELINE, FUSED, TARGET_SFT
 from wrpo_core.reference import REFERENCE_FILE
 from wrpo_core.schemas import BEST_SOURCE, QUADRUPLES
 from wrpo_core.storage import RunLayout
-from wrpo_core.train.jobs import JobConfig, LogCallback, MetricsCallback, Stage, train_in_process
+from wrpo_core.train.jobs import (
+    JobConfig,
+    LogCallback,
+    MetricsCallback,
+    Stage,
+    claim_output_dir,
+    train_in_process,
+)
 from wrpo_core.train.launch import launch_job
 from wrpo_core.train.metrics import follow_metrics, write_metrics
 
@@ -48,6 +55,7 @@ def train_job(stage: Stage, job: JobConfig, hooks: TrainingHooks = NO_HOOKS) -> 
     if job.launch is None:
         if hooks.on_metrics is None:
             return train_in_process(stage, job)
+        claim_output_dir(stage, job)  # a changed job clears its old outputs before the tail starts
         with follow_metrics(folder, hooks.on_metrics):
             return train_in_process(stage, job)
     result = launch_job(stage, job, on_log=hooks.on_log, on_metrics=hooks.on_metrics)
@@ -62,7 +70,7 @@ def sft(cfg: FusionConfig, layout: RunLayout, hooks: TrainingHooks = NO_HOOKS) -
     pairs = rows_of_split(layout, layout.read_dataset(layout.best_source, BEST_SOURCE), "sft")
     layout.write_dataset(layout.sft_pairs, pairs, BEST_SOURCE)
     job = SFTJobConfig(
-        model=cfg.target.path, data=layout.local_table_file(layout.sft_pairs, BEST_SOURCE),
+        model=cfg.target.path, revision=cfg.target.revision, data=layout.local_table_file(layout.sft_pairs, BEST_SOURCE),
         output_dir=str(layout.model_dir(TARGET_SFT)), trust_remote_code=cfg.target.trust_remote_code,
         training=cfg.sft, launch=cfg.launch,
     )  # fmt: skip

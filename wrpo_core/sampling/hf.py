@@ -6,6 +6,9 @@ forces it, while `generate` runs greedily over the batch with the KV cache. A re
 reproduces each sample on the same hardware whatever else was in its batch (up to the
 floating-point effects of padding). Prompts are chat-templated once (BOS comes only from
 the template), sorted by length, left-padded, and each prompt's n samples share a batch.
+A sample ends at the first of the model's end tokens (`tokenization.stop_token_ids`: the chat
+template's end-of-turn token and every eos id of the model's generation config); the end token
+is counted in `completion_tokens` but not written to the text.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from transformers import (
 
 from wrpo_core.config import SamplingConfig
 from wrpo_core.sampling.common import SampleRows, SamplingReport, encode_prompts, sample_seed
-from wrpo_core.tokenization import end_of_turn_id
+from wrpo_core.tokenization import stop_token_ids
 
 
 class PerRowSampling(LogitsProcessor):
@@ -77,6 +80,7 @@ class HFSampler:
             self.tokenizer, prompt_ids, prompts, max_prompt_tokens=self.max_prompt_tokens, report=report
         )
         rows = SampleRows(self.model_name, report)
+        stops = stop_token_ids(self.tokenizer, self.model.generation_config)
         n = self.sampling.n
         bar = tqdm(
             total=len(encoded) * n,
@@ -86,21 +90,20 @@ class HFSampler:
         )
         for first in range(0, len(encoded), self.batch_size):
             chunk = [(pid, ids, k) for pid, ids in encoded[first : first + self.batch_size] for k in range(n)]
-            self._generate(chunk, rows)
+            self._generate(chunk, rows, stops)
             bar.update(len(chunk))
             bar.set_postfix(samples_per_s=f"{bar.n / max(time.perf_counter() - start, 1e-9):.1f}")
         bar.close()
         report.seconds = time.perf_counter() - start
         return rows.table(), report
 
-    def _generate(self, rows: list[tuple[str, list[int], int]], sink: SampleRows) -> None:
+    def _generate(self, rows: list[tuple[str, list[int], int]], sink: SampleRows, stops: list[int]) -> None:
         device = self.model.device
         pad = (
             self.tokenizer.pad_token_id
             if self.tokenizer.pad_token_id is not None
             else self.tokenizer.eos_token_id
         )
-        eot = end_of_turn_id(self.tokenizer)
         width = max(len(ids) for _, ids, _ in rows)
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
         attention = torch.zeros((len(rows), width), dtype=torch.long)
@@ -113,7 +116,7 @@ class HFSampler:
             do_sample=False,
             max_new_tokens=self.sampling.max_new_tokens,
             pad_token_id=pad,
-            eos_token_id=eot,
+            eos_token_id=stops,
             num_beams=1,
         )
         out = self.model.generate(
@@ -125,9 +128,11 @@ class HFSampler:
             ),
         )
         new_tokens = out[:, width:].cpu().tolist()
+        stop_set = set(stops)
         for (pid, ids, k), seed, tokens in zip(rows, seeds, new_tokens, strict=True):
-            finished = eot in tokens
-            completion = tokens[: tokens.index(eot)] if finished else tokens
+            end = next((i for i, token in enumerate(tokens) if token in stop_set), None)
+            finished = end is not None
+            completion = tokens[:end] if finished else tokens
             text = self.tokenizer.decode(completion, skip_special_tokens=True)
             sink.add(pid, k, text, finished=finished, prompt_tokens=len(ids),
                     completion_tokens=len(completion) + int(finished), seed=seed)  # fmt: skip

@@ -3,7 +3,10 @@
 Each (prompt, sample index) is one request with n=1 and its own seed, so samples reproduce
 per sample like the HF backend; vLLM's prefix caching shares the n copies of a prompt. The
 engine uses tensor parallelism over `tensor_parallel_size` GPUs. vLLM is imported lazily:
-this module imports without it.
+this module imports without it. Requests stop on the same end tokens as the HF backend
+(`tokenization.stop_token_ids`), and the text is decoded here from the returned token ids up to
+the first end token, so both backends write the same text for the same tokens (vLLM itself
+keeps a stop token that is not a special token in its text).
 
 Not run in this project's CI (vLLM needs a CUDA GPU); everything up to the engine call is
 unit-tested with a stand-in engine.
@@ -20,7 +23,7 @@ from transformers import PreTrainedTokenizerBase
 
 from wrpo_core.config import ModelSpec
 from wrpo_core.sampling.common import SampleRows, SamplingReport, encode_prompts, sample_seed
-from wrpo_core.tokenization import end_of_turn_id
+from wrpo_core.tokenization import stop_token_ids
 
 
 def build_engine(
@@ -37,6 +40,7 @@ def build_engine(
         model=spec.path,
         tokenizer=spec.path,
         revision=spec.revision,
+        tokenizer_revision=spec.revision,
         dtype=spec.dtype,
         tensor_parallel_size=spec.tensor_parallel_size,
         trust_remote_code=spec.trust_remote_code,
@@ -53,6 +57,8 @@ class VLLMSampler:
     engine: Any
     tokenizer: PreTrainedTokenizerBase
     spec: ModelSpec
+    generation_config: Any = None
+    """The model's `GenerationConfig` (its eos ids become stop tokens); None = the tokenizer's alone."""
     max_prompt_tokens: int = 1800
     progress: bool = True
 
@@ -66,7 +72,7 @@ class VLLMSampler:
             self.tokenizer, prompt_ids, prompts, max_prompt_tokens=self.max_prompt_tokens, report=report
         )
         s = self.spec.sampling
-        eot = end_of_turn_id(self.tokenizer)
+        stops = stop_token_ids(self.tokenizer, self.generation_config)
         requests = [(pid, ids, k) for pid, ids in encoded for k in range(s.n)]
         seeds = [sample_seed(s.seed, self.spec.name, pid, k) for pid, _, k in requests]
         params = [
@@ -76,7 +82,7 @@ class VLLMSampler:
                 top_p=s.top_p,
                 max_tokens=s.max_new_tokens,
                 seed=seed,
-                stop_token_ids=[eot],
+                stop_token_ids=stops,
                 skip_special_tokens=True,
             )
             for seed in seeds
@@ -85,11 +91,13 @@ class VLLMSampler:
             [{"prompt_token_ids": ids} for _, ids, _ in requests], params, use_tqdm=self.progress
         )
         rows = SampleRows(self.spec.name, report)
+        stop_set = set(stops)
         for (pid, ids, k), seed, output in zip(requests, seeds, outputs, strict=True):
             completion = output.outputs[0]
-            finished = completion.finish_reason == "stop"
-            tokens = len(completion.token_ids)
-            rows.add(pid, k, completion.text, finished=finished, prompt_tokens=len(ids),
-                     completion_tokens=tokens, seed=seed)  # fmt: skip
+            tokens = list(completion.token_ids)
+            end = next((i for i, token in enumerate(tokens) if token in stop_set), len(tokens))
+            text = self.tokenizer.decode(tokens[:end], skip_special_tokens=True)
+            rows.add(pid, k, text, finished=completion.finish_reason == "stop", prompt_tokens=len(ids),
+                     completion_tokens=len(tokens), seed=seed)  # fmt: skip
         report.seconds = time.perf_counter() - start
         return rows.table(), report

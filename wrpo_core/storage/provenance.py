@@ -6,6 +6,7 @@ import functools
 import hashlib
 import importlib.metadata
 import json
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -38,3 +39,18 @@ def code_version() -> dict[str, Any]:
 def digest(obj: Any) -> str:
     """Short sha256 of `obj`'s canonical JSON: manifests compare inputs by it."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256_of_file(path: str, size: int, mtime_ns: int) -> str:
+    hasher = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            hasher.update(block)
+    return hasher.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a local file's content (computed once per process for an unchanged file)."""
+    stat = os.stat(path)
+    return _sha256_of_file(str(path), stat.st_size, stat.st_mtime_ns)

@@ -29,11 +29,13 @@ def demo_settings(quick: bool) -> dict[str, Any]:
     from wrpo_core.toy.world import WorldConfig
 
     if quick:
+        # The smallest world's models are not competent: most samples run into the length limit.
         return {"world": WorldConfig.smallest(), "train_prompts": 24, "eval_prompts": 24, "n": 2, "max_new_tokens": 12,
+                "drop_length_stopped": False,
                 "sft": {"num_train_epochs": 1, "max_steps": 2, "logging_steps": 1},
                 "wrpo": {"num_train_epochs": 1, "max_steps": 2, "logging_steps": 1}}  # fmt: skip
     return {"world": WorldConfig(), "train_prompts": 1800, "eval_prompts": 600, "n": 4, "max_new_tokens": 16,
-            "sft": {"num_train_epochs": 2}, "wrpo": {"num_train_epochs": 3}}  # fmt: skip
+            "drop_length_stopped": True, "sft": {"num_train_epochs": 2}, "wrpo": {"num_train_epochs": 3}}  # fmt: skip
 
 
 def _presets() -> dict[str, dict[str, Any]]:
@@ -60,6 +62,7 @@ def toy_config_data(
         "temperature": 0.8,
         "top_p": 0.95,
         "max_new_tokens": settings["max_new_tokens"],
+        "drop_length_stopped": settings["drop_length_stopped"],
     }
     common = {"per_device_train_batch_size": 32, "gradient_accumulation_steps": 1, "gradient_checkpointing": False,
               "bf16": False, "logging_steps": 10, "save_steps": 10_000, "warmup_ratio": 0.1}  # fmt: skip

@@ -25,6 +25,7 @@ from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from wrpo_core.config import _TrainingHyperparameters
+from wrpo_core.config.training import gradient_accumulation
 from wrpo_core.train.checkpoints import SAVE_ON_EACH_NODE_ENV, checkpoint_step, last_complete_checkpoint
 from wrpo_core.train.metrics import METRICS_FILE, append_metrics_row, trim_metrics
 
@@ -34,6 +35,17 @@ logger = logging.getLogger(__name__)
 def bf16_default() -> bool:
     """bf16 where a CUDA GPU supports it; fp32 elsewhere (CPU bf16 training is slow and lossy)."""
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def policy_load_dtype(hp: _TrainingHyperparameters) -> torch.dtype | str:
+    """The dtype to load a model that will be trained in: fp32 master weights unless DeepSpeed owns them.
+
+    A checkpoint stored in bf16 (Llama-3 and most released models) loaded as stored would be
+    updated in bf16, where an update of lr 3e-7 rounds away (0.015 - 3e-7 == 0.015). Without
+    DeepSpeed the weights are therefore fp32 and `bf16` only autocasts the compute; DeepSpeed
+    keeps its own fp32 master partitions, so there the model loads as stored ("auto").
+    """
+    return "auto" if hp.deepspeed else torch.float32
 
 
 def free_port() -> int:
@@ -102,8 +114,27 @@ def prepare_deepspeed_process(hp: _TrainingHyperparameters) -> bool:
     return True
 
 
+def effective_accumulation(hp: _TrainingHyperparameters) -> int:
+    """Gradient accumulation of this process's job (WORLD_SIZE processes); logs the global batch.
+
+    From `global_batch_size` when it is set (ValueError naming the numbers when it does not
+    divide), else `gradient_accumulation_steps` as given. The first process logs the effective
+    global batch either way.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    accumulation = gradient_accumulation(hp, world_size)
+    if os.environ.get("RANK", "0") == "0":
+        source = "global_batch_size" if hp.global_batch_size is not None else "gradient_accumulation_steps"
+        logger.info(
+            "global batch %d = %d per device x %d accumulation x %d processes (accumulation from %s)",
+            hp.per_device_train_batch_size * accumulation * world_size, hp.per_device_train_batch_size,
+            accumulation, world_size, source,
+        )  # fmt: skip
+    return accumulation
+
+
 def training_arguments(hp: _TrainingHyperparameters, output_dir: str) -> TrainingArguments:
-    """TrainingArguments from our hyper-parameters: cosine/warmup, checkpoints, logging, DeepSpeed."""
+    """TrainingArguments from our hyper-parameters: batch, cosine/warmup, checkpoints, logging, DeepSpeed."""
     report_to = ["tensorboard"] if importlib.util.find_spec("tensorboard") else "none"
     bf16 = bf16_default() if hp.bf16 is None else hp.bf16
     configured_state = prepare_deepspeed_process(hp)
@@ -113,7 +144,7 @@ def training_arguments(hp: _TrainingHyperparameters, output_dir: str) -> Trainin
         num_train_epochs=hp.num_train_epochs,
         max_steps=hp.max_steps,
         per_device_train_batch_size=hp.per_device_train_batch_size,
-        gradient_accumulation_steps=hp.gradient_accumulation_steps,
+        gradient_accumulation_steps=effective_accumulation(hp),
         lr_scheduler_type=hp.lr_scheduler_type,
         warmup_steps=hp.warmup_ratio,
         weight_decay=hp.weight_decay,
@@ -167,12 +198,20 @@ def extra_callbacks(*callbacks: TrainerCallback) -> Iterator[None]:
 def run_training(trainer: Trainer, output_dir: str, *, resume: bool = True) -> dict[str, float]:
     """Trains (resuming from the newest complete checkpoint in output_dir) and saves the final model.
 
+    Only checkpoints of the same job are there to resume from: `jobs.claim_output_dir` removed a
+    changed job's before (in this process's `train_in_process`, or in the launcher); every rank
+    waits here until all ranks got this far, so none looks for a checkpoint while the first
+    process of its machine may still be removing stale ones.
+
     The final model lands in `output_dir` in Hugging Face format (safetensors, config, tokenizer
     with its chat template); under ZeRO-3 every rank must call this, and the shards are gathered
-    (in the training precision: 16-bit with bf16) before rank 0 writes them. Returns the train metrics.
+    (in the training precision: 16-bit with bf16) before rank 0 writes them. Without DeepSpeed the
+    fp32 master weights (`policy_load_dtype`) are saved as they are: casting a short run's result
+    to bf16 would round most of its updates away. Returns the train metrics.
     """
     for callback in _EXTRA_CALLBACKS:
         trainer.add_callback(callback)
+    trainer.accelerator.wait_for_everyone()
     checkpoint = last_complete_checkpoint(output_dir) if resume else None
     if checkpoint:
         logger.info("resuming from %s", checkpoint)

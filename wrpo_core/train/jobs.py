@@ -1,13 +1,20 @@
-"""What a training job is and how one process runs it: its config, result, errors and environment.
+"""What a training job is and how one process runs it: its config, identity, result, errors and environment.
 
 A job is a stage (`sft` or `wrpo`) and its job config. The launchers (`torchrun.py`,
 `ray_train.py`) start processes marked with `LAUNCHED_ENV`; each of them runs the stage's
 training function through `train_in_process` (and a WRPO job's reference pass through
 `store_reference`). A failed job raises `TrainingJobError` with its own error text.
+
+A job's fingerprint (`job_fingerprint`) digests what decides its result: the training settings,
+the number of processes, the model's and the data's identity. `claim_output_dir` records it in
+output_dir when the job starts, and a job whose fingerprint differs from the recorded one starts
+afresh instead of resuming another job's checkpoints.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -18,7 +25,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 
 from wrpo_core.config import ConfigError, LaunchConfig, SFTJobConfig, WRPOJobConfig
-from wrpo_core.train.checkpoints import SAVE_ON_EACH_NODE_ENV
+from wrpo_core.config.training import gradient_accumulation
+from wrpo_core.locations import resolve_location
+from wrpo_core.models import model_identity
+from wrpo_core.storage.provenance import file_sha256
+from wrpo_core.train.checkpoints import SAVE_ON_EACH_NODE_ENV, adopt_output_dir
 
 if TYPE_CHECKING:
     import numpy as np
@@ -109,8 +120,116 @@ def inside_launched_job() -> bool:
     return os.environ.get(LAUNCHED_ENV) == "1"
 
 
+# --- a job's identity ---------------------------------------------------------------------------
+
+RESULT_NEUTRAL_SETTINGS = frozenset(
+    {"logging_steps", "save_steps", "save_total_limit", "gradient_checkpointing", "deepspeed"}
+)
+"""Training settings left out of the fingerprint: when to log and save, and recomputing activations,
+do not change the weights (the DeepSpeed config enters by its content, not its path)."""
+
+
+def data_identity(url: str) -> dict[str, Any]:
+    """What identifies a job's data: the sha256 of its content (every file's, for a folder).
+
+    FileNotFoundError naming the data when it does not exist.
+    """
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs, root = fsspec.core.url_to_fs(resolve_location(url))
+    if not fs.exists(root):
+        raise FileNotFoundError(f"data {url}: no such file")
+    digests = {}
+    for name in sorted(fs.find(root)) if fs.isdir(root) else [root]:
+        if isinstance(fs, LocalFileSystem):
+            value = file_sha256(name)
+        else:
+            digest = hashlib.sha256()
+            with fs.open(name, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+            value = digest.hexdigest()
+        digests[name[len(root) :].lstrip("/")] = value
+    return {"sha256": digests}
+
+
+def job_identity(stage: Stage, job: JobConfig, world_size: int) -> dict[str, Any]:
+    """What decides a job's result, as JSON: the digested part of `job_fingerprint`.
+
+    The training settings (minus RESULT_NEUTRAL_SETTINGS; the gradient accumulation as derived
+    for `world_size`), the number of processes (it splits the data and the ZeRO partitions a
+    checkpoint holds), the DeepSpeed config's content, the model's and reference model's identity
+    and the data's. The paths themselves are left out (a copied model or data file is the same
+    job); `launch` is left out but for the number of processes (ports, Ray address and storage do
+    not change the weights); so is the code version (a fix in the trainer does not restart a
+    job: delete output_dir for that).
+    """
+    hp = job.training
+    training = hp.model_dump(mode="json", exclude=set(RESULT_NEUTRAL_SETTINGS) | {"global_batch_size"})
+    training["gradient_accumulation_steps"] = gradient_accumulation(hp, world_size)
+    identity: dict[str, Any] = {
+        "stage": stage,
+        "training": training,
+        "world_size": world_size,
+        "deepspeed_config": file_sha256(hp.deepspeed) if hp.deepspeed else None,
+        "trust_remote_code": job.trust_remote_code,
+        "model": model_identity(job.model, revision=getattr(job, "revision", None)),
+        "data": data_identity(job.data),
+    }
+    if isinstance(job, WRPOJobConfig) and job.reference_model not in (None, job.model):
+        identity["reference_model"] = model_identity(job.reference_model)
+    return identity
+
+
+def fingerprint_of(identity: dict[str, Any]) -> str:
+    """The fingerprint of a job identity: 16 hex digits of the sha256 of its canonical JSON."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def process_world_size() -> int:
+    """The processes of the job this process belongs to: WORLD_SIZE (torchrun, Ray Train), else 1."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def job_fingerprint(stage: Stage, job: JobConfig, world_size: int | None = None) -> str:
+    """The job's fingerprint (see `job_identity`); `world_size` defaults to this process's job's."""
+    size = process_world_size() if world_size is None else world_size
+    return fingerprint_of(job_identity(stage, job, size))
+
+
+def claim_output_dir(stage: Stage, job: JobConfig, world_size: int | None = None) -> str:
+    """Makes output_dir this job's before it trains; its fingerprint.
+
+    A rerun of the same job keeps its checkpoints (and resumes from them); a changed job (another
+    fingerprint, or outputs that no record vouches for) first has them removed, with its metrics
+    rows and final model. One process per output_dir calls this before the job's processes write
+    there: `train_in_process` (local rank 0), `launch_local` and `launch_ray` (before any process
+    starts). `world_size` defaults to this process's job's (WORLD_SIZE); a launcher passes the
+    planned one.
+    """
+    size = process_world_size() if world_size is None else world_size
+    identity = job_identity(stage, job, size)
+    fingerprint = fingerprint_of(identity)
+    adopt_output_dir(job.output_dir, fingerprint, identity)
+    return fingerprint
+
+
+def is_local_main_process() -> bool:
+    """True in the first process of its machine (LOCAL_RANK 0 or unset)."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
 def train_in_process(stage: Stage, job: JobConfig) -> dict[str, float]:
-    """Runs the stage's training function in this process (every rank of a launched job does this)."""
+    """Runs the stage's training function in this process (every rank of a launched job does this).
+
+    The first process of each machine first claims output_dir for the job (`claim_output_dir`):
+    a launcher has already done so, and then nothing changes; run in this process alone (or
+    under a torchrun of its own), a changed job's old checkpoints are removed here. The other
+    ranks wait for it in `run_training` before they look for a checkpoint.
+    """
+    if is_local_main_process():
+        claim_output_dir(stage, job)
     if stage == "sft":
         from wrpo_core.train.sft import train_sft
 

@@ -4,12 +4,15 @@
 streams their log records and rank 0's metrics back through a Ray queue. Every checkpoint is
 mirrored to the run's storage (`storage_path`/`run_name`); when a worker fails or the job is
 rerun, the newest one is restored into `output_dir` so the Trainer resumes from it, and the
-final model is stored there too (as `model`).
+final model is stored there too (as `model`). The default run name ends in the job's
+fingerprint, so a changed job gets a run of its own; every checkpoint carries the fingerprint
+(`FINGERPRINT_FILE`), and one of another job is never restored.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -21,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from wrpo_core.config import LaunchConfig, SFTJobConfig, WRPOJobConfig
+from wrpo_core.config.training import planned_world_size
+from wrpo_core.train.checkpoints import FINGERPRINT_FILE
 from wrpo_core.train.jobs import (
     LAUNCHED_ENV,
     JobConfig,
@@ -29,6 +34,8 @@ from wrpo_core.train.jobs import (
     MetricsCallback,
     Stage,
     TrainingJobError,
+    claim_output_dir,
+    job_fingerprint,
     needs_reference_pass,
     save_on_each_node,
     store_reference,
@@ -50,13 +57,19 @@ PROPAGATED_ENV = (
 """Driver environment variables that Ray workers inherit (torchrun children inherit everything)."""
 
 
-def ray_run_name(stage: Stage, job: JobConfig) -> str:
-    """The run's name in Ray storage: `launch.run_name`, else stage + output folder name + path hash."""
-    launch = job.launch or LaunchConfig()
+def ray_run_name(stage: Stage, job: JobConfig, fingerprint: str | None = None) -> str:
+    """The run's name in Ray storage: `launch.run_name`, else stage, output folder, path hash, fingerprint.
+
+    Ray restores the newest checkpoint of the run name, so a changed job (another fingerprint,
+    computed here unless given) gets a fresh run.
+    """
+    launch = job.launch or LaunchConfig(launcher="ray")
     if launch.run_name:
         return launch.run_name
+    if fingerprint is None:
+        fingerprint = job_fingerprint(stage, job, planned_world_size(launch))
     digest = hashlib.sha1(str(Path(job.output_dir).resolve()).encode()).hexdigest()[:8]
-    return f"wrpo-{stage}-{Path(job.output_dir).name}-{digest}"
+    return f"wrpo-{stage}-{Path(job.output_dir).name}-{digest}-{fingerprint}"
 
 
 def ray_worker_env(launch: LaunchConfig) -> dict[str, str]:
@@ -66,8 +79,10 @@ def ray_worker_env(launch: LaunchConfig) -> dict[str, str]:
     return {**env, **launch.env, LAUNCHED_ENV: "1", **save_on_each_node(launch)}
 
 
-def ray_trainer(stage: Stage, job: JobConfig, events: Any = None, *, use_gpu: bool = False):
-    """The Ray Train TorchTrainer for a job: workers, storage, retries, checkpoints kept."""
+def ray_trainer(
+    stage: Stage, job: JobConfig, events: Any = None, *, use_gpu: bool = False, fingerprint: str | None = None
+):
+    """The Ray Train TorchTrainer for a job: workers, storage (see `ray_run_name`), retries, checkpoints kept."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -82,7 +97,7 @@ def ray_trainer(stage: Stage, job: JobConfig, events: Any = None, *, use_gpu: bo
             resources_per_worker=launch.resources_per_worker or None,
         ),
         run_config=RunConfig(
-            name=ray_run_name(stage, job),
+            name=ray_run_name(stage, job, fingerprint),
             storage_path=launch.storage_path,
             failure_config=FailureConfig(max_failures=launch.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=keep + 1 if keep else None),
@@ -101,12 +116,18 @@ def launch_ray(
     """Runs a job on Ray Train workers (see `launch_job`); connects to `launch.ray_address` if needed.
 
     Worker log records and rank-0 metrics travel back through a Ray queue and reach the callbacks
-    in this thread while `fit()` runs in another.
+    in this thread while `fit()` runs in another. output_dir here (where the final model and the
+    metrics are kept) is first claimed for the job (`claim_output_dir`); a job whose inputs
+    cannot be identified raises TrainingJobError before any worker starts.
     """
     import ray
     from ray.util.queue import Empty, Queue
 
     launch = job.launch or LaunchConfig(launcher="ray")
+    try:
+        fingerprint = claim_output_dir(stage, job, world_size=planned_world_size(launch))
+    except (OSError, ValueError) as error:
+        raise TrainingJobError(f"cannot identify the job's inputs: {error}") from error
     if not ray.is_initialized():
         ray.init(address=launch.ray_address, log_to_driver=on_log is None)
     use_gpu = launch.use_gpu if launch.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
@@ -115,7 +136,8 @@ def launch_ray(
 
     def fit() -> None:
         try:
-            outcome["result"] = ray_trainer(stage, job, events, use_gpu=use_gpu).fit()
+            trainer = ray_trainer(stage, job, events, use_gpu=use_gpu, fingerprint=fingerprint)
+            outcome["result"] = trainer.fit()
         except BaseException as error:  # re-raised in the caller's thread below
             outcome["error"] = error
 
@@ -204,6 +226,7 @@ def _ray_callbacks(events: Any, rank: int) -> list:
             with tempfile.TemporaryDirectory(dir=args.output_dir) as scratch:
                 checkpoint = None
                 if ray.train.get_context().get_local_rank() == 0:  # one upload per machine
+                    shutil.copy2(Path(args.output_dir) / FINGERPRINT_FILE, folder / FINGERPRINT_FILE)
                     checkpoint = ray.train.Checkpoint.from_directory(node_checkpoint(folder, rank, scratch))
                 ray.train.report(
                     {"step": state.global_step}, checkpoint=checkpoint, checkpoint_dir_name=folder.name,
@@ -236,13 +259,39 @@ def _link_or_copy(source: str, target: str) -> None:
         shutil.copy2(source, target)
 
 
-def _restore_from_ray(output_dir: str) -> bool:
-    """Copies Ray's newest checkpoint into output_dir unless it is there; True if the run had finished."""
+def ray_checkpoint_fingerprint(checkpoint: Any) -> str | None:
+    """The job fingerprint a Ray checkpoint (or the stored final model) carries; None if it has none."""
+    try:
+        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{FINGERPRINT_FILE}") as handle:
+            record = json.loads(handle.read())
+    except (OSError, ValueError):
+        return None
+    return record.get("fingerprint") if isinstance(record, dict) else None
+
+
+def check_ray_checkpoint(checkpoint: Any, fingerprint: str) -> None:
+    """RuntimeError unless the checkpoint Ray would restore was written by this job (same fingerprint)."""
+    stored = ray_checkpoint_fingerprint(checkpoint)
+    if stored != fingerprint:
+        written = f"by job {stored}" if stored else "without a job fingerprint"
+        raise RuntimeError(
+            f"Ray storage {checkpoint_uri(checkpoint)} holds a checkpoint written {written}, not by this job "
+            f"({fingerprint}): a changed job needs a run of its own: leave launch.run_name unset (the default "
+            "name ends in the job's fingerprint) or set a new one"
+        )
+
+
+def _restore_from_ray(output_dir: str, fingerprint: str) -> bool:
+    """Copies Ray's newest checkpoint into output_dir unless it is there; True if the run had finished.
+
+    RuntimeError when that checkpoint is another job's (`check_ray_checkpoint`).
+    """
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return False
+    check_ray_checkpoint(checkpoint, fingerprint)
     name = Path(checkpoint.path).name
     if name == FINAL_MODEL_DIR:
         return True
@@ -269,7 +318,7 @@ def _report_final_model(output_dir: str, rank: int, summary: dict[str, Any]) -> 
 
 
 def _ray_train_loop(config: dict[str, Any]) -> dict[str, float] | None:
-    """Runs on every Ray Train worker: restore, reference pass, training, final model upload."""
+    """Runs on every Ray Train worker: claim output_dir, restore, reference pass, training, final model upload."""
     import ray.train
     from ray.train.collective import barrier
 
@@ -287,7 +336,13 @@ def _ray_train_loop(config: dict[str, Any]) -> dict[str, float] | None:
         logging.getLogger().setLevel(logging.INFO)
     try:
         Path(job.output_dir).mkdir(parents=True, exist_ok=True)
-        finished = _restore_from_ray(job.output_dir)
+        world_size = context.get_world_size()
+        if local_rank == 0:  # before anything is restored into output_dir, so a restored checkpoint stays
+            fingerprint = claim_output_dir(stage, job, world_size=world_size)
+        else:
+            fingerprint = job_fingerprint(stage, job, world_size)
+        barrier()
+        finished = _restore_from_ray(job.output_dir, fingerprint)
         if finished:
             return None
         if needs_reference_pass(stage, job) and local_rank == 0:

@@ -3,13 +3,15 @@
 `launch_local` runs `torchrun ... -m wrpo_core.train.worker train STAGE --config FILE` in its own
 process group, streams its log lines and the new rows of `output_dir/metrics.jsonl` to callbacks,
 and raises `TrainingJobError` with the job's own error (read from its log) when it fails. A rerun
-resumes from the newest complete checkpoint in output_dir.
+of the same job resumes from the newest complete checkpoint in output_dir; a changed job starts
+afresh (`claim_output_dir`, decided here before any rank starts).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import queue
 import signal
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from wrpo_core.config import LaunchConfig
+from wrpo_core.config.training import planned_world_size
 from wrpo_core.train.joblog import JobLogErrors, last_words
 from wrpo_core.train.jobs import (
     LAUNCHED_ENV,
@@ -31,12 +34,15 @@ from wrpo_core.train.jobs import (
     MetricsCallback,
     Stage,
     TrainingJobError,
+    claim_output_dir,
     needs_reference_pass,
     save_on_each_node,
     write_job_config,
 )
 from wrpo_core.train.metrics import METRICS_FILE, MetricsTail, drop_rows_after_resume_point
 from wrpo_core.train.worker import WORKER_MODULE
+
+logger = logging.getLogger(__name__)
 
 
 def torchrun_command(
@@ -213,11 +219,18 @@ def launch_local(
 ) -> JobResult:
     """Runs a job under torchrun on this machine (see `launch_job`).
 
-    A WRPO job on several processes first stores its reference log-probs in one process
-    (`WORKER_MODULE reference`), so the ranks do not compute them concurrently. A rerun resumes from the
-    newest complete checkpoint in output_dir (metrics rows after it are dropped, then streamed anew).
+    Before any process starts, output_dir is claimed for the job (`claim_output_dir`): a changed
+    job's checkpoints, metrics rows and model are removed here, so no rank removes what another
+    writes and the metrics tail starts on the right file. A WRPO job on several processes then
+    stores its reference log-probs in one process (`WORKER_MODULE reference`), so the ranks do not
+    compute them concurrently. A rerun of the same job resumes from the newest complete checkpoint
+    in output_dir (metrics rows after it are dropped, then streamed anew).
     """
     launch = job.launch or LaunchConfig()
+    try:
+        claim_output_dir(stage, job, world_size=planned_world_size(launch))
+    except (OSError, ValueError) as error:  # a missing input: the ranks fail on it and report it
+        logger.warning("cannot identify the job's inputs (%s); its processes will report it", error)
     command, env = prepare_local(stage, job, config_path)
     config_path = command[-1]
     metrics_path = Path(job.output_dir) / METRICS_FILE

@@ -3,7 +3,8 @@
 Everything else (accumulation, schedulers, mixed precision, DeepSpeed, checkpoint/resume,
 logging) is the Trainer's. With reference log-probs stored in the data (the default) the
 trainer holds only the policy; with `ref_model` it re-runs the reference every step, as the
-authors' trainer does.
+authors' trainer does. The policy trains on fp32 master weights (`policy_load_dtype`), with
+dropout off, and the stored reference log-probs reach the loss unrounded under any engine.
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from datasets import Dataset
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
 from wrpo_core.config import WRPOConfig, WRPOJobConfig
 from wrpo_core.formats import from_authors_records, read_jsonl
@@ -34,16 +34,56 @@ from wrpo_core.objectives import (
 from wrpo_core.reference import (
     REFERENCE_FILE,
     attach_reference,
+    cached_reference,
     compute_reference_logps,
     reference_settings,
     stored_reference,
 )
 from wrpo_core.schemas import QUADRUPLES, read_parquet, write_parquet
 from wrpo_core.tokenization import ResponseCollator, TokenizeReport, encode_example, end_of_turn_id
-from wrpo_core.train.common import JsonlMetricsCallback, bf16_default, run_training, training_arguments
+from wrpo_core.train.common import (
+    JsonlMetricsCallback,
+    bf16_default,
+    policy_load_dtype,
+    run_training,
+    training_arguments,
+)
 from wrpo_core.train.metrics import METRICS_FILE
 
 logger = logging.getLogger(__name__)
+
+FULL_PRECISION_INPUTS = ("ref_logps",)
+"""Batch entries that reach `compute_loss` in their own dtype: the engine's 16-bit cast would round
+a stored reference log-prob of -347.12 to -348.0 (bf16 keeps 8 significant bits)."""
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Turns dropout off in a policy, as the authors' trainer does (TRL's `disable_dropout_in_model`).
+
+    Every `torch.nn.Dropout` gets p = 0, and so does every float dropout rate that a module keeps
+    for functional dropout (Llama's attention keeps `attention_dropout`) and every dropout field of
+    the config and its sub-configs (saved with the trained model).
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in [n for n, v in vars(module).items() if _is_dropout_rate(n, v)]:
+            setattr(module, name, 0.0)
+    pending = [getattr(model, "config", None)]
+    while pending:
+        config = pending.pop()
+        if config is None:
+            continue
+        for name, value in list(vars(config).items()):
+            if _is_dropout_rate(name, value):
+                setattr(config, name, 0.0)
+            elif isinstance(value, PretrainedConfig):  # e.g. the text_config of a multimodal model
+                pending.append(value)
+
+
+def _is_dropout_rate(name: str, value: object) -> bool:
+    named = "dropout" in name or name.endswith("pdrop")
+    return named and isinstance(value, (float, int)) and not isinstance(value, bool)
 
 
 class WRPOTrainer(Trainer):
@@ -69,7 +109,8 @@ class WRPOTrainer(Trainer):
         if ref_model is not None:
             if self.is_deepspeed_enabled:
                 raise ValueError(
-                    "an on-the-fly reference model is not supported under DeepSpeed; precompute reference log-probs"
+                    "an on-the-fly reference model is not supported under DeepSpeed; "
+                    "precompute reference log-probs"
                 )
             self.ref_model = ref_model.to(self.args.device).eval().requires_grad_(False)
         self.alpha_schedule = alpha_schedule or resolve_alpha_schedule(wrpo.alpha_schedule, wrpo.alpha)
@@ -93,6 +134,19 @@ class WRPOTrainer(Trainer):
     def current_alpha(self) -> float:
         return self.alpha_schedule(self.state.global_step, self.alpha_total_steps)
 
+    def _prepare_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The Trainer's input preparation, except that `FULL_PRECISION_INPUTS` keep their dtype.
+
+        Under DeepSpeed, `Trainer._prepare_input` casts every floating tensor of the batch to the
+        engine's dtype (bf16); the stored reference log-probs (float64 from the collator) are only
+        moved to the device, so the implicit rewards start at zero.
+        """
+        kept = {key: inputs[key] for key in FULL_PRECISION_INPUTS if key in inputs}
+        prepared = super()._prepare_inputs({k: v for k, v in inputs.items() if k not in kept})
+        for key, value in kept.items():
+            prepared[key] = value.to(device=self.args.device)
+        return prepared
+
     def _reference_logps(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.ref_model is not None:
             # The same mixed precision as the policy's forward (accelerate patches only the policy).
@@ -100,7 +154,8 @@ class WRPOTrainer(Trainer):
                 return grouped_logps(self.ref_model, inputs)[0]
         if "ref_logps" not in inputs:
             raise ValueError(
-                "the batch has no reference log-probs: precompute them (wrpo_core.reference) or pass ref_model"
+                "the batch has no reference log-probs: "
+                "precompute them (wrpo_core.reference) or pass ref_model"
             )
         return inputs["ref_logps"]
 
@@ -190,35 +245,40 @@ def prepare_reference(
 ) -> np.ndarray | None:
     """Stored reference log-probs for the job's data, computing and saving them once if missing.
 
-    Saved as `output_dir/quadruples_with_reference.parquet`, which a resumed job reuses.
-    Returns None when the job re-runs the reference every step instead.
+    Saved as `output_dir/quadruples_with_reference.parquet` with `reference_settings` (the data's
+    text, the reference model's weights, the tokenizer, the length limits, the precision); a
+    rerun reuses them only when all of these are unchanged, else recomputes and overwrites them.
+    Log-probs stored in the input data itself must match the settings (else an error names those
+    that differ). Returns None when the job re-runs the reference every step instead.
     """
     hp = job.training
     if not hp.precompute_reference or hp.loss_type == "simpo":
         return None
     reference_path = job.reference_model or job.model
-    settings = reference_settings(reference_path, hp.max_length, hp.max_prompt_length)
+    dtype = policy_load_dtype(hp)  # as the policy runs: the implicit rewards start at zero
+    bf16 = bf16_default() if hp.bf16 is None else hp.bf16
+    autocast_dtype = torch.bfloat16 if bf16 else None
+    settings = reference_settings(
+        reference_model=reference_path, table=table, tokenizer=tokenizer, max_length=hp.max_length,
+        max_prompt_length=hp.max_prompt_length, dtype=dtype, autocast_dtype=autocast_dtype,
+    )  # fmt: skip
     stored = stored_reference(table, settings, where=job.data)
     if stored is not None:
         return stored
     cache = f"{job.output_dir}/{REFERENCE_FILE}"
-    if Path(cache).exists():
-        cached = pq.read_table(cache)
-        if cached.num_rows == table.num_rows and cached.column("prompt_id").equals(table.column("prompt_id")):
-            stored = stored_reference(cached, settings, where=cache)
-            if stored is not None:
-                return stored
+    cached = cached_reference(cache, settings, rows=table.num_rows)
+    if cached is not None:
+        return cached
     dataset, _ = tokenize_quadruples(table, tokenizer, hp)
-    model = load_causal_lm(reference_path, trust_remote_code=job.trust_remote_code)
+    model = load_causal_lm(reference_path, trust_remote_code=job.trust_remote_code, dtype=dtype)
     if torch.cuda.is_available():
         model = model.to("cuda")
-    bf16 = bf16_default() if hp.bf16 is None else hp.bf16
     logps = compute_reference_logps(
         model,
         dataset,
         pad_token_id=tokenizer.pad_token_id,
         batch_size=2 * hp.per_device_train_batch_size,
-        autocast_dtype=torch.bfloat16 if bf16 else None,
+        autocast_dtype=autocast_dtype,
     )
     del model
     Path(job.output_dir).mkdir(parents=True, exist_ok=True)
@@ -233,9 +293,17 @@ def build_wrpo_trainer(
     ref_model: PreTrainedModel | None,
     trainer_class: type[WRPOTrainer] = WRPOTrainer,
 ) -> WRPOTrainer:
-    """The job's trainer: policy loaded from `job.model`, metrics to output_dir/metrics.jsonl."""
+    """The job's trainer: policy loaded from `job.model`, metrics to output_dir/metrics.jsonl.
+
+    The policy loads in `policy_load_dtype` (fp32 master weights unless DeepSpeed keeps its own: a
+    bf16 checkpoint updated in bf16 at lr 3e-7 would barely move) and trains with dropout off.
+    """
+    policy = load_causal_lm(
+        job.model, trust_remote_code=job.trust_remote_code, dtype=policy_load_dtype(job.training)
+    )
+    disable_dropout(policy)
     return trainer_class(
-        model=load_causal_lm(job.model, trust_remote_code=job.trust_remote_code),
+        model=policy,
         args=training_arguments(job.training, job.output_dir),
         train_dataset=dataset,
         data_collator=ResponseCollator(pad_token_id=tokenizer.pad_token_id),
@@ -258,7 +326,11 @@ def train_wrpo(job: WRPOJobConfig) -> dict[str, float]:
     logger.info("WRPO data: %s", report)
     ref_model = None
     if reference is None and hp.loss_type != "simpo":
-        ref_model = load_causal_lm(job.reference_model or job.model, trust_remote_code=job.trust_remote_code)
+        ref_model = load_causal_lm(
+            job.reference_model or job.model,
+            trust_remote_code=job.trust_remote_code,
+            dtype=policy_load_dtype(hp),  # the policy's precision: the implicit rewards start at zero
+        )
     trainer = build_wrpo_trainer(job, tokenizer, dataset, ref_model)
     metrics = run_training(trainer, job.output_dir)
     return {

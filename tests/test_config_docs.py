@@ -54,15 +54,34 @@ def test_every_field_has_a_description():
     assert not missing, f"config fields without a description: {', '.join(missing)}"
 
 
+def code_span_touching_text(description: str) -> bool:
+    """A `code` span with no space on one side: the form shows it as its own text node, so the
+    description no longer reads as one string there (e.g. "(`x`," shows as "( x ,")."""
+    for span in re.finditer(r"`[^`]+`", description):
+        before = description[span.start() - 1] if span.start() else " "
+        after = description[span.end()] if span.end() < len(description) else " "
+        if not (before.isspace() and after.isspace()):
+            return True
+    return False
+
+
+def test_code_span_check_finds_a_span_next_to_punctuation():
+    assert code_span_touching_text("counted (`x`, `y`)") and code_span_touching_text("by `max`:")
+    assert not code_span_touching_text("or a `toy-world:` path, or `x` here")
+    assert code_span_touching_text("ends with `x`.")
+
+
 def test_descriptions_survive_the_forms_markdown():
-    """The Prefect form renders descriptions as markdown: `<word>` would vanish as an HTML tag."""
-    tagged = [
+    """The Prefect form renders descriptions as markdown: `<word>` would vanish as an HTML tag, and a
+    code span next to punctuation splits the text (tests/test_prefect_deployments.py reads it)."""
+    bad = [
         f"{model.__name__}.{name}"
         for model in config_models()
         for name, field in model.model_fields.items()
         if re.search(r"<[A-Za-z_/]", field.description or "")
+        or code_span_touching_text(field.description or "")
     ]
-    assert not tagged, f"descriptions with HTML-like <...> text: {', '.join(tagged)}"
+    assert not bad, f"descriptions the form cannot show as one string: {', '.join(bad)}"
 
 
 def _definition(schema: dict, prop: dict) -> dict:

@@ -36,12 +36,12 @@ class SamplingConfig(ConfigModel):
     ] = 4096
     drop_length_stopped: bool = Field(
         default=True,
-        description="Leave this model's responses that were cut by `max_new_tokens` (finish_reason "
+        description="Leave this model's responses that were cut by max_new_tokens (finish_reason "
         "'length') out of the choice of y_ws, y_wt and y_l. Training appends an end-of-turn token to "
         "every chosen response, so a cut one would teach the target to stop mid-sentence. They are "
-        "still scored and counted per source in the run's statistics (`length_stopped`, "
-        "`length_stopped_dropped`); a prompt left without enough responses is dropped and counted "
-        "(`dropped_length_stopped`). False keeps them as candidates.",
+        "still scored and counted per source in the run's statistics (length_stopped and "
+        "length_stopped_dropped); a prompt left without enough responses is dropped and counted "
+        "(dropped_length_stopped). False keeps them as candidates.",
     )
     seed: int = Field(
         default=42,

@@ -38,7 +38,19 @@ def quadruples(path):
 
 def test_config_check(capsys):
     assert main(["config", "check", str(ROOT / "configs" / "paper.yaml")]) == 0
-    assert json.loads(capsys.readouterr().out)["target"] == "Meta-Llama-3-8B-Instruct"
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["target"] == "Meta-Llama-3-8B-Instruct"
+    assert printed["global_batch"] == {"sft": 128, "wrpo": 128}  # the paper's, on its 8 GPUs
+
+
+def test_config_check_refuses_a_global_batch_the_run_cannot_split(tmp_path, capsys):
+    config = yaml.safe_load((ROOT / "configs" / "paper.yaml").read_text())
+    config["wrpo"]["global_batch_size"] = 100  # 2 per device x 8 processes does not divide 100
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    assert main(["config", "check", str(bad)]) == 2
+    error = capsys.readouterr().err
+    assert "global_batch_size" in error and "100" in error and "Traceback" not in error
 
 
 def test_config_json_prints_the_validated_config_for_prefect_parameters(capsys):

@@ -5,11 +5,13 @@ wrpo train wrpo --config wrpo-job.yaml    # WRPO on (x, y_ws, y_wt, y_l)
 wrpo reference  --config wrpo-job.yaml    # only store reference log-probs with the quadruples
 wrpo config check FILE                    # validate a fusion-run config
 wrpo config json FILE                     # ... and print it as JSON (prefect --param config=...)
+wrpo config check|json --rules FILE       # the same for discovery watch rules (--param discovery=...)
 wrpo export --to authors|trl QUADRUPLES.parquet OUT.jsonl
 wrpo demo [--out DIR]                     # the whole pipeline offline on tiny models
 wrpo run --config fusion.yaml [--registry] # the fusion pipeline in this process (no Prefect)
 wrpo sources add NAME PATH [--storage URL] # register a source model (emits a Prefect event)
 wrpo sources list|remove NAME [--storage URL]
+wrpo sources discover --config fusion.yaml --rules discovery.yaml [--dry-run]   # new hub models -> registry
 
 The installed `wrpo` command is `flows.cli:main`: this CLI with the Prefect layer's `CliHooks`
 (registry events, Prefect-block credentials) plugged in; `python -m wrpo_core.cli` runs it without.
@@ -26,7 +28,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from wrpo_core.config import ConfigError, FusionConfig, SFTJobConfig, WRPOJobConfig, load_config
+from wrpo_core.config import (
+    ConfigError,
+    DiscoveryConfig,
+    FusionConfig,
+    SFTJobConfig,
+    WRPOJobConfig,
+    load_config,
+)
+from wrpo_core.config.training import planned_global_batch
 from wrpo_core.registry import RegistryError
 from wrpo_core.schemas import DataError
 from wrpo_core.storage import BlockLoader
@@ -67,13 +77,26 @@ def _reference(args: argparse.Namespace, hooks: CliHooks) -> dict:
 
 
 def _config_check(args: argparse.Namespace, hooks: CliHooks) -> dict:
+    if args.rules:
+        rules = load_config(args.file, DiscoveryConfig)
+        return {"ok": True, "watch": [rule.name for rule in rules.watch]}
     cfg = load_config(args.file, FusionConfig)
-    return {"ok": True, "sources": [s.name for s in cfg.sources], "target": cfg.target.name}
+    return {
+        "ok": True,
+        "sources": [s.name for s in cfg.sources],
+        "target": cfg.target.name,
+        # Examples per optimizer step as the run will launch its jobs (the paper's: 128 and 128).
+        "global_batch": {
+            "sft": planned_global_batch(cfg.sft, cfg.launch),
+            "wrpo": planned_global_batch(cfg.wrpo, cfg.launch),
+        },
+    }
 
 
 def _config_json(args: argparse.Namespace, hooks: CliHooks) -> None:
     """Prints the validated config as one line of JSON (for `prefect deployment run --param config=...`)."""
-    print(load_config(args.file, FusionConfig).model_dump_json(exclude_defaults=True))
+    model = DiscoveryConfig if args.rules else FusionConfig
+    print(load_config(args.file, model).model_dump_json(exclude_defaults=True))
 
 
 def _export(args: argparse.Namespace, hooks: CliHooks) -> dict:
@@ -183,6 +206,30 @@ def _sources(args: argparse.Namespace, hooks: CliHooks) -> dict:
             "sources": [s["name"] for s in document["sources"]]}  # fmt: skip
 
 
+def _discover(args: argparse.Namespace, hooks: CliHooks) -> dict:
+    """Registers the new hub models and revisions the config's watch rules accept; one event per source."""
+    from wrpo_core.discovery import discover_sources
+    from wrpo_core.hub import HubError
+    from wrpo_core.registry import open_registry
+
+    cfg = load_config(args.config, FusionConfig)
+    rules = load_config(args.rules, DiscoveryConfig)
+    storage = open_registry(cfg.storage.url, cfg.storage.storage_options, load_block=hooks.load_block)
+    try:
+        report = discover_sources(cfg, rules, storage, dry_run=args.dry_run)
+    except HubError as error:
+        raise CommandError(str(error)) from error
+    result = report.to_dict()
+    print(f"discovery: {len(report.registered)} {'to register' if args.dry_run else 'registered'}, "
+          f"{len(report.unchanged)} unchanged, {len(report.rejected)} rejected", file=sys.stderr)  # fmt: skip
+    if not args.dry_run:
+        result["events"] = [
+            _notify(args, hooks, "added", r.spec.name, r.spec.path, storage, r.version)
+            for r in report.registered
+        ]
+    return result
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wrpo", description="Implicit model fusion with WRPO.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -200,10 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", help="configuration tools")
     config_commands = config.add_subparsers(dest="config_command", required=True)
     check = config_commands.add_parser("check", help="validate a fusion-run config")
-    check.add_argument("file")
-    check.set_defaults(handler=_config_check)
     as_json = config_commands.add_parser("json", help="print a fusion-run config as JSON (validated)")
-    as_json.add_argument("file")
+    for sub in (check, as_json):
+        sub.add_argument("file")
+        sub.add_argument("--rules", action="store_true",
+                         help="the file is discovery watch rules (DiscoveryConfig), not a fusion-run config")  # fmt: skip
+    check.set_defaults(handler=_config_check)
     as_json.set_defaults(handler=_config_json)
 
     export = commands.add_parser("export", help="export quadruples to the authors' or TRL's JSONL format")
@@ -247,6 +296,19 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--trust-remote-code", action="store_true")
             sub.add_argument("--replace", action="store_true", help="change an already registered source")
         sub.set_defaults(handler=_sources)
+    discover = sources_commands.add_parser(
+        "discover", help="register the new hub models and revisions the config's watch rules accept"
+    )
+    discover.add_argument("--config", required=True,
+                          help="the re-fusion's FusionConfig YAML: its storage holds the registry, its sources count as known")  # fmt: skip
+    discover.add_argument(
+        "--rules", required=True, help="DiscoveryConfig YAML: the watch rules and the sampling cluster"
+    )
+    discover.add_argument("--dry-run", action="store_true",
+                          help="list what would be registered; register nothing, send no event")  # fmt: skip
+    discover.add_argument("--event", choices=["auto", "always", "never"], default="auto",
+                          help="emit wrpo.source.added per registered source (auto: when PREFECT_API_URL is set)")  # fmt: skip
+    discover.set_defaults(handler=_discover)
     return parser
 
 

@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 
 from wrpo_core.config.base import ConfigModel
 from wrpo_core.config.model_specs import ModelSpec, RewardModelSpec
-from wrpo_core.config.training import LaunchConfig, SFTConfig, WRPOConfig
+from wrpo_core.config.training import LaunchConfig, SFTConfig, WRPOConfig, planned_global_batch
 
 
 class PromptsConfig(ConfigModel):
@@ -152,6 +152,12 @@ class FusionConfig(ConfigModel):
         default=None,
         description="How SFT and WRPO train: torchrun or Ray Train jobs; None = in the stage's process.",
     )
+
+    @model_validator(mode="after")
+    def _global_batches_divide(self) -> FusionConfig:
+        for section in (self.sft, self.wrpo):  # refused here, not when a stage builds its job
+            planned_global_batch(section, self.launch)
+        return self
 
     @model_validator(mode="after")
     def _unique_source_names(self) -> FusionConfig:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Registers the deployments of deployments/prefect.yaml with the Prefect API in PREFECT_API_URL.
+# Registers the deployments of deployments/prefect.yaml (wrpo-fusion/default, wrpo-fusion/refusion,
+# wrpo-discover/default) with the Prefect API in PREFECT_API_URL.
 # Run from anywhere: deployments/deploy.sh [extra `prefect deploy` options]
 # The worker runs flows from this checkout (WRPO_PROJECT_DIR); the work pool is created if missing.
 set -euo pipefail

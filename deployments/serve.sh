@@ -7,6 +7,10 @@
 #   export PREFECT_API_URL=http://127.0.0.1:4200/api
 #   prefect deployment run 'wrpo-fusion/default' --watch
 #   wrpo sources add my-model toy-world:demo/src-upper --n 4   # triggers 'wrpo-fusion/refusion'
+#   prefect deployment run 'wrpo-discover/default' --param "discovery=$(wrpo config json --rules discovery.yaml)"
+#                                     # new hub models -> registered -> 'wrpo-fusion/refusion'
+# The worker's environment reaches the flow runs: HF_ENDPOINT / HF_TOKEN for 'wrpo-discover', and
+# HF_HUB_OFFLINE must not be 1 for it (`make` sets it to 1: HF_HUB_OFFLINE=0 make serve).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PORT="${PREFECT_PORT:-4200}"
@@ -22,5 +26,8 @@ echo "Prefect server starting on http://127.0.0.1:$PORT (log: runs/prefect-serve
 "$BIN/prefect" server status --wait --timeout 90 >/dev/null
 PREFECT="$BIN/prefect" deployments/deploy.sh
 echo "UI: http://127.0.0.1:$PORT   API: $PREFECT_API_URL"
+case "${HF_HUB_OFFLINE:-0}" in
+  1|ON|YES|TRUE|on|yes|true) echo "note: HF_HUB_OFFLINE=$HF_HUB_OFFLINE: 'wrpo-discover' cannot reach the hub (HF_HUB_OFFLINE=0 make serve)";;
+esac
 echo "Run:  PREFECT_API_URL=$PREFECT_API_URL $BIN/prefect deployment run 'wrpo-fusion/default' --watch"
 "$BIN/prefect" worker start --pool wrpo-process

@@ -1,6 +1,6 @@
 """A real local Prefect stack for integration tests: server on loopback, process worker, deployments.
 
-`PrefectStack.start(folder, prefect_file)` starts `prefect server start` (own process group, free
+`PrefectStack.start(folder, prefect_file, env_overrides)` starts `prefect server start` (own process group, free
 port, its own PREFECT_HOME), waits until it is healthy, deploys with deployments/deploy.sh (which
 creates the `wrpo-process` pool), and starts a process worker. `stop()` ends the worker with
 SIGINT (it ignores SIGTERM) and the server with SIGTERM, each group SIGKILLed after a timeout.
@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,8 +52,14 @@ class PrefectStack:
         return f"http://127.0.0.1:{self.port}"
 
     @classmethod
-    def start(cls, folder: Path, prefect_file: Path) -> PrefectStack:
-        """Server, deployments from `prefect_file`, and a worker; raises with the logs if any fails."""
+    def start(
+        cls, folder: Path, prefect_file: Path, env_overrides: Mapping[str, str | None] | None = None
+    ) -> PrefectStack:
+        """Server, deployments from `prefect_file`, and a worker; raises with the logs if any fails.
+
+        `env_overrides` set (or, with None, remove) variables of every process the stack starts,
+        flow runs included (e.g. HF_ENDPOINT for a local hub).
+        """
         (port,) = free_ports(1)
         env = {
             **os.environ,
@@ -64,6 +71,11 @@ class PrefectStack:
             "WRPO_PROJECT_DIR": str(REPO),
             "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
         }
+        for name, value in (env_overrides or {}).items():
+            if value is None:
+                env.pop(name, None)
+            else:
+                env[name] = value
         stack = cls(folder=folder, port=port, env=env)
         try:
             stack.server = stack._spawn("server", [str(BIN / "prefect"), "server", "start"])

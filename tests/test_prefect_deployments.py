@@ -4,9 +4,12 @@ deployments/prefect.yaml is deployed as shipped except for its default `config`,
 the smallest toy world and a temporary storage folder. Covered: a `prefect deployment run` of
 `wrpo-fusion/default` completes with its artifacts; bad parameters are rejected before a run
 exists; `wrpo sources add` starts `wrpo-fusion/refusion`, which samples only the new source; a run
-killed mid-flow resumes without redoing finished stages; the UI shows the deployment's form.
+killed mid-flow resumes without redoing finished stages; the UI shows the deployment's form; a
+`wrpo-discover/default` run finds a new model on a local hub (tests/hubserver.py, the stack's
+HF_ENDPOINT), registers it and so starts a re-fusion that completes.
 """
 
+import datetime as dt
 import json
 import os
 import re
@@ -16,6 +19,7 @@ from contextlib import contextmanager
 import psutil
 import pytest
 import yaml
+from hubserver import FakeHub
 from prefect import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
@@ -46,11 +50,15 @@ def stack(tmp_path_factory):
     for deployment in spec["deployments"]:
         deployment["parameters"]["config"] = config
     (folder / "prefect.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    stack = PrefectStack.start(folder, folder / "prefect.yaml")
+    hub = FakeHub.start()  # the Hugging Face Hub of every flow run (wrpo-discover)
+    hub_env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(folder / "hf-home"), "HF_HUB_OFFLINE": None}
+    stack = PrefectStack.start(folder, folder / "prefect.yaml", env_overrides=hub_env)
     stack.config = config
     stack.runs = folder / "runs"
+    stack.hub = hub
     yield stack
     stack.stop()
+    hub.stop()
 
 
 @contextmanager
@@ -204,3 +212,51 @@ def test_the_ui_shows_the_deployment_and_its_parameter_form(stack):
     assert set(wanted) <= set(expected), set(wanted) - set(expected)
     dom = deployment_form_dom(stack.ui_url, str(deployment.id), chromium=chromium, expect=expected)
     assert not missing_strings(dom, expected), missing_strings(dom, expected)
+
+
+def test_a_discovery_run_registers_a_new_hub_model_and_its_event_starts_a_completed_refusion(
+    stack, default_run, tiny_model_dir
+):
+    """The scheduled discovery, started by hand: a new model on the hub -> registered -> re-fusion."""
+    sha = stack.hub.push("wrpo-test/tiny-chat", tiny_model_dir, tags=["text-generation", "license:mit"],
+                         downloads=50, at=dt.datetime.now(dt.UTC) - dt.timedelta(days=30))  # fmt: skip
+    rules = {"watch": [{"name": "test-org", "authors": ["wrpo-test"], "tags": ["text-generation"],
+                        "licenses": ["mit"], "min_age_days": 7, "min_downloads": 10,
+                        "sampling": stack.config["sources"][0]["sampling"]}]}  # fmt: skip
+    with client(stack) as c:
+        dep_filter = DeploymentFilter(name=DeploymentFilterName(any_=["refusion"]))
+        before = {r.id for r in c.read_flow_runs(deployment_filter=dep_filter)}
+    done = stack.prefect("deployment", "run", "wrpo-discover/default", "--param", f"discovery={json.dumps(rules)}",
+                         "--watch", "--watch-timeout", str(RUN_TIMEOUT), timeout=RUN_TIMEOUT + 60, check=False)  # fmt: skip
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}\n{stack.log_tail()}"
+    discover_id = run_id_of(done.stdout)
+    with client(stack) as c:
+        run = c.read_flow_run(discover_id)
+        artifacts = c.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[discover_id]))
+        )
+    assert run.state_type == StateType.COMPLETED
+    (report,) = [a for a in artifacts if a.key == "wrpo-discover-report"]
+    assert f"| wrpo-test--tiny-chat | `wrpo-test/tiny-chat` | `{sha}` |" in report.data
+    registered = json.loads((stack.runs / "registry" / "sources.json").read_text())["sources"]
+    assert {"name": "wrpo-test--tiny-chat", "revision": sha} in [
+        {"name": s["name"], "revision": s["revision"]} for s in registered
+    ]
+
+    def finished_refusion():
+        with client(stack) as c:
+            runs = [r for r in c.read_flow_runs(deployment_filter=dep_filter) if r.id not in before]
+        return runs[0] if runs and runs[0].state_type in TERMINAL else None
+
+    refusion = stack.wait_for(finished_refusion, RUN_TIMEOUT, "the re-fusion run started by the discovery")
+    assert refusion.state_type == StateType.COMPLETED, (
+        f"{refusion.state.message}\n{run_logs(stack, refusion.id)}"
+    )
+    (root,) = [p.parents[1] for p in stack.runs.glob("*/manifests/sample-wrpo-test--tiny-chat.json")]
+    done_stages = manifests(root)
+    assert (
+        "reused_from" not in done_stages["sample-wrpo-test--tiny-chat"]
+    )  # the discovered model was sampled...
+    for source in stack.config["sources"]:  # ...the config's sources were not
+        assert done_stages[f"sample-{source['name']}"]["reused_from"], source["name"]
+    assert "register" in done_stages

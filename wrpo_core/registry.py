@@ -1,6 +1,7 @@
 """The source-model registry and the fused-model log, kept in storage next to the runs.
 
-Ops people register a new source LLM with `wrpo sources add` instead of editing a config; a
+Ops people register a new source LLM with `wrpo sources add` instead of editing a config, or let
+`wrpo sources discover` register new hub models and revisions (wrpo_core.discovery); a
 re-fusion (the `wrpo-fusion/refusion` deployment, started by the event the CLI emits or by its
 schedule) then fuses the config's sources plus the registered ones. Files, under the storage URL:
 
@@ -71,23 +72,31 @@ def registered_sources(storage: Storage) -> list[ModelSpec]:
     return [ModelSpec.model_validate(s) for s in read_sources(storage)["sources"]]
 
 
-def _write(storage: Storage, document: dict[str, Any], action: str, name: str) -> dict[str, Any]:
+def _write(
+    storage: Storage, document: dict[str, Any], action: str, name: str, note: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     document["version"] += 1
     document["updated_at"] = _now()
-    document["history"].append({"version": document["version"], "action": action, "name": name, "at": _now()})
+    entry = {"version": document["version"], "action": action, "name": name, "at": _now()}
+    document["history"].append({**entry, **(note or {})})
     storage.write_json(SOURCES_KEY, document)
     return document
 
 
-def add_source(storage: Storage, spec: ModelSpec, *, replace: bool = False) -> dict[str, Any]:
-    """Registers a source model; a name already registered is an error unless `replace`."""
+def add_source(
+    storage: Storage, spec: ModelSpec, *, replace: bool = False, note: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Registers a source model; a name already registered is an error unless `replace`.
+
+    `note` adds fields to the history entry (discovery records its rule and the revision).
+    """
     document = read_sources(storage)
     names = [s["name"] for s in document["sources"]]
     if spec.name in names and not replace:
         raise RegistryError(f"source {spec.name!r} is already registered (pass --replace to change it)")
     entry = spec.model_dump(mode="json")
     document["sources"] = [s for s in document["sources"] if s["name"] != spec.name] + [entry]
-    return _write(storage, document, "replace" if spec.name in names else "add", spec.name)
+    return _write(storage, document, "replace" if spec.name in names else "add", spec.name, note)
 
 
 def remove_source(storage: Storage, name: str) -> dict[str, Any]:

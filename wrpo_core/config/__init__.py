@@ -7,11 +7,18 @@ field instead of a silently ignored setting. Defaults follow the WRPO paper
     cfg = load_config("configs/paper.yaml", FusionConfig)
 
 The parts: `run` (FusionConfig and its sections), `model_specs` (sources, target, reward model),
-`training` (SFT / WRPO hyper-parameters, launchers, job configs), `base` (loading and errors).
+`training` (SFT / WRPO hyper-parameters, launchers, job configs), `discovery` (watch rules for new
+hub models), `base` (loading and errors).
 Every field carries a description, which the Prefect UI form and the docs show.
 """
 
 from wrpo_core.config.base import ConfigError, ConfigModel, format_validation_error, load_config, parse_config
+from wrpo_core.config.discovery import (
+    DiscoveryConfig,
+    SamplingClusterConfig,
+    WatchRule,
+    parse_parameter_count,
+)
 from wrpo_core.config.model_specs import ModelSpec, RewardModelSpec, SamplingConfig
 from wrpo_core.config.run import (
     ComputeConfig,
@@ -34,6 +41,7 @@ __all__ = [
     "ComputeConfig",
     "ConfigError",
     "ConfigModel",
+    "DiscoveryConfig",
     "EvaluationConfig",
     "FusionConfig",
     "LaunchConfig",
@@ -42,13 +50,16 @@ __all__ = [
     "RewardModelSpec",
     "SFTConfig",
     "SFTJobConfig",
+    "SamplingClusterConfig",
     "SamplingConfig",
     "SplitConfig",
     "StorageConfig",
     "WRPOConfig",
     "WRPOJobConfig",
+    "WatchRule",
     "_TrainingHyperparameters",
     "format_validation_error",
     "load_config",
     "parse_config",
+    "parse_parameter_count",
 ]

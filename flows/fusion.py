@@ -24,19 +24,23 @@ from tasks.blocks import load_block_options
 from tasks.fusion import run_fusion_stage
 from tasks.report import publish_report
 from wrpo_core.config import FusionConfig, load_config
+from wrpo_core.config.credentials import credential_fields
 from wrpo_core.fanout import shutdown_local_ray
 from wrpo_core.pipeline import layout_for, pipeline_stages
 from wrpo_core.registry import open_registry, registered_sources, with_registered_sources
-from wrpo_core.storage import is_secret_option
+from wrpo_core.storage import Lease
 
 
 def check_no_secrets(config: FusionConfig) -> None:
-    """Refuses secrets in storage options: flow parameters are stored by the Prefect server and shown in the UI."""
-    secrets = sorted(name for name in config.storage.storage_options if is_secret_option(name))
-    if secrets:
+    """Refuses credentials anywhere in the config: flow parameters are stored by the Prefect server and shown.
+
+    Storage options, `launch.env` and URLs with a password are looked at (`credential_fields`).
+    """
+    found = credential_fields(config)
+    if found:
         raise ValueError(
-            f"storage.storage_options holds secrets ({', '.join(secrets)}); flow parameters are stored and "
-            "shown by Prefect: give the worker AWS_* environment variables or use "
+            f"the config holds credentials ({', '.join(found)}); flow parameters are stored and shown by "
+            "Prefect: give the worker AWS_* environment variables or use "
             "storage_options: {prefect_block: <block name>} instead"
         )
 
@@ -90,16 +94,18 @@ def fusion(
     concurrent = cfg.compute.executor == "ray"
     futures: dict[str, Any] = {}
     previous: list[Any] = []
-    for stage in plan:
-        after = [futures[name] for name in stage.after] if concurrent else previous
-        futures[stage.name] = run_fusion_stage.submit(cfg, stage.name, reuse_other_runs, wait_for=after)
-        previous = [futures[stage.name]]
-    try:
-        wait(list(futures.values()))  # every stage settles (a failure does not cut the others short)
-        results = {name: future.result() for name, future in futures.items()}  # the first failure raises
-    finally:
-        shutdown_local_ray()  # a local Ray started for this run's actors; never a cluster
-    artifacts = publish_report(cfg, results)
+    # One lease for the whole flow run (its tasks do not take it): another run of this folder is refused.
+    with Lease(layout.storage, purpose=f"flow run of {cfg.run_name}"):
+        for stage in plan:
+            after = [futures[name] for name in stage.after] if concurrent else previous
+            futures[stage.name] = run_fusion_stage.submit(cfg, stage.name, reuse_other_runs, wait_for=after)
+            previous = [futures[stage.name]]
+        try:
+            wait(list(futures.values()))  # every stage settles (a failure does not cut the others short)
+            results = {name: future.result() for name, future in futures.items()}  # the first failure raises
+        finally:
+            shutdown_local_ray()  # a local Ray started for this run's actors; never a cluster
+        artifacts = publish_report(cfg, results)
     register = results["register"]["summary"]
     return {
         "run": layout.storage.display(),

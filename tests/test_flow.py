@@ -57,7 +57,11 @@ def test_a_permanent_failure_is_not_retried_and_names_stage_and_model(
 def test_secrets_in_storage_options_are_refused_before_anything_runs(fusion_config):
     data = fusion_config.model_dump(mode="json")
     data["storage"]["storage_options"] = {"secret": "s3cr3t", "endpoint_url": "http://127.0.0.1:1"}
-    with pytest.raises(ValueError, match=r"storage_options holds secrets \(secret\)"):
+    with pytest.raises(ValueError, match=r"holds credentials \(storage\.storage_options\.secret\)"):
+        flows.fusion.check_no_secrets(type(fusion_config).model_validate(data))
+    data["storage"]["storage_options"] = {"endpoint_url": "http://127.0.0.1:1"}
+    data["launch"] = {"launcher": "local", "env": {"HF_TOKEN": "hf_abcdefgh"}}  # a token for the training job
+    with pytest.raises(ValueError, match=r"holds credentials \(launch\.env\.HF_TOKEN\)"):
         flows.fusion.check_no_secrets(type(fusion_config).model_validate(data))
 
 

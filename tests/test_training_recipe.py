@@ -259,7 +259,7 @@ def test_simpo_with_a_dpo_scale_beta_is_an_error_naming_beta_and_simpos_values()
     simpo = WRPOConfig(loss_type="simpo", beta=2.5)
     assert (simpo.beta, simpo.simpo_gamma) == (2.5, 1.375)
     assert WRPOConfig().beta == 0.01  # the paper's WRPO beta is unchanged
-    with pytest.raises(ConfigError, match=r"run.yaml: wrpo: .*set wrpo.beta"):
+    with pytest.raises(ConfigError, match=r"run.yaml: wrpo.beta: .*set wrpo.beta"):
         parse_config(
             {"prompts": {"path": "p.jsonl"}, "sources": [{"path": "org/a"}], "target": {"path": "org/t"},
              "reward_model": {"path": "org/rm"}, "wrpo": {"loss_type": "simpo", "beta": 0.1}},

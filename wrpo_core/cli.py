@@ -28,24 +28,42 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import fsspec
+
 from wrpo_core.config import (
     ConfigError,
     DiscoveryConfig,
     FusionConfig,
     SFTJobConfig,
     WRPOJobConfig,
+    config_json,
     load_config,
 )
+from wrpo_core.config.base import parse_config
 from wrpo_core.config.training import planned_global_batch
 from wrpo_core.registry import RegistryError
-from wrpo_core.schemas import DataError
-from wrpo_core.storage import BlockLoader
+from wrpo_core.schemas import DataError, file_not_found
+from wrpo_core.storage import BlockLoader, StorageError
 from wrpo_core.train.jobs import TrainingJobError, inside_launched_job, reference_job, train_in_process
 from wrpo_core.train.launch import launch_job
 
 
 class CommandError(RuntimeError):
     """A command that failed for a reason its message explains (e.g. a pipeline stage)."""
+
+
+class UserInputError(CommandError):
+    """A command refused because of what the user gave it (a file, a name, a format): exit code 2."""
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError, DataError, RegistryError, StorageError, UserInputError,
+)  # fmt: skip
+"""Errors whose message tells the user what to fix: printed as `error: ...`, exit code 2, no traceback."""
+
+_PATH_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+"""OS errors about a path the user named: reported with the path, exit code 2 (other OS errors keep the
+traceback: they are not the user's input)."""
 
 
 RegistryEventSender = Callable[[str, str, str, str, int], Any]
@@ -94,15 +112,22 @@ def _config_check(args: argparse.Namespace, hooks: CliHooks) -> dict:
 
 
 def _config_json(args: argparse.Namespace, hooks: CliHooks) -> None:
-    """Prints the validated config as one line of JSON (for `prefect deployment run --param config=...`)."""
-    model = DiscoveryConfig if args.rules else FusionConfig
-    print(load_config(args.file, model).model_dump_json(exclude_defaults=True))
+    """Prints the validated config as one line of JSON (for `prefect deployment run --param config=...`).
+
+    A config holding a credential is refused (Prefect stores and shows flow parameters).
+    """
+    print(
+        config_json(load_config(args.file, DiscoveryConfig if args.rules else FusionConfig), where=args.file)
+    )
 
 
 def _export(args: argparse.Namespace, hooks: CliHooks) -> dict:
     from wrpo_core.formats import to_authors_records, to_trl_records, write_jsonl
     from wrpo_core.schemas import QUADRUPLES, read_parquet
 
+    fs, path = fsspec.core.url_to_fs(args.quadruples)
+    if not fs.isfile(path):
+        raise file_not_found(args.quadruples, "quadruples Parquet file")
     table = read_parquet(args.quadruples, QUADRUPLES)
     records = to_authors_records(table) if args.to == "authors" else to_trl_records(table)
     write_jsonl(records, args.out)
@@ -125,9 +150,11 @@ def _run(args: argparse.Namespace, hooks: CliHooks) -> dict:
         cfg = with_registered_sources(cfg, registered_sources(registry))
     layout = layout_for(cfg, load_block=hooks.load_block)
     try:
-        summaries = run_pipeline(cfg, layout=layout)
+        summaries = run_pipeline(cfg, layout=layout, break_lease=args.break_lease)
     except StageError as error:
-        raise CommandError(str(error)) from error
+        # A stage refused the user's input (prompt file, data, config): exit 2, like the other commands.
+        user = isinstance(error.__cause__, (ConfigError, DataError))
+        raise (UserInputError if user else CommandError)(str(error)) from error
     return {
         "run": layout.storage.display(),
         "stages": list(summaries),
@@ -186,7 +213,7 @@ def _sources(args: argparse.Namespace, hooks: CliHooks) -> dict:
         sampling = {
             k: v for k, v in (("n", args.n), ("max_new_tokens", args.max_new_tokens)) if v is not None
         }
-        spec = ModelSpec.model_validate(
+        spec = parse_config(
             {
                 "name": args.name,
                 "path": args.path,
@@ -195,7 +222,9 @@ def _sources(args: argparse.Namespace, hooks: CliHooks) -> dict:
                 "trust_remote_code": args.trust_remote_code,
                 "tensor_parallel_size": args.tensor_parallel_size,
                 "sampling": sampling,
-            }
+            },
+            ModelSpec,
+            where=f"wrpo sources add {args.name!r}",
         )
         document = add_source(storage, spec, replace=args.replace)
         event = _notify(args, hooks, "added", spec.name, spec.path, storage, document["version"])
@@ -269,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the fusion pipeline of a config in this process (no Prefect)")
     run.add_argument("--config", required=True, help="FusionConfig YAML")
     run.add_argument("--registry", action="store_true", help="also fuse the sources registered in storage")
+    run.add_argument(
+        "--break-lease", action="store_true",
+        help="take the run folder's lease even if another run holds it (only when that run is gone)",
+    )  # fmt: skip
     run.set_defaults(handler=_run)
 
     sources = commands.add_parser("sources", help="the source-model registry (in storage)")
@@ -322,8 +355,12 @@ def main(argv: list[str] | None = None, *, hooks: CliHooks | None = None) -> int
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         result = args.handler(args, hooks or CliHooks())
-    except (ConfigError, DataError, RegistryError) as error:
+    except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except _PATH_ERRORS as error:
+        path = error.filename if error.filename is not None else ""
+        print(f"error: {path}{': ' if path else ''}{error.strerror or error}", file=sys.stderr)
         return 2
     except (
         TrainingJobError,

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -134,13 +136,56 @@ class ScoringWorker:
 
 _RAY_INIT = threading.Lock()
 _started_local_ray = False
+_reaper: subprocess.Popen | None = None
+
+_REAPER = r"""
+import os, select, sys, psutil
+session, tracked = sys.argv[1], {}
+def scan():
+    for proc in psutil.process_iter(["cmdline"]):
+        if proc.pid != os.getpid() and session in " ".join(proc.info["cmdline"] or ()):
+            try:
+                for member in [proc, *proc.children(recursive=True)]:
+                    tracked.setdefault(member.pid, member)
+            except psutil.Error:
+                pass
+while True:
+    scan()
+    if select.select([sys.stdin], [], [], 1.0)[0] and not os.read(sys.stdin.fileno(), 1):
+        break
+scan()
+for proc in tracked.values():
+    try:
+        if proc.is_running():
+            proc.kill()
+    except psutil.Error:
+        pass
+"""
+"""The reaper of a local Ray: tracks the session's processes (raylet, GCS, agents and every worker
+they start) each second, and once its stdin closes (the driver ended, however) kills them all."""
+
+
+def _start_reaper(session: str) -> subprocess.Popen:
+    """Starts the reaper of local Ray session `session`; it holds the read end of a pipe to this process.
+
+    It runs in a session of its own, so a kill of the driver's process group leaves it to clean up.
+    """
+    return subprocess.Popen(
+        [sys.executable, "-c", _REAPER, session], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
 
 
 def init_ray(compute: ComputeConfig) -> None:
-    """Connects to `compute.ray_address`, or starts a local Ray sized to this machine (thread-safe)."""
+    """Connects to `compute.ray_address`, or starts a local Ray sized to this machine (thread-safe).
+
+    A local Ray never outlives this process: a reaper process (see `_REAPER`) kills every process
+    of its session once this one ends, also by SIGKILL (Ray's own clean-up misses some: agents,
+    and sometimes an actor).
+    """
     import ray
 
-    global _started_local_ray
+    global _started_local_ray, _reaper
     with _RAY_INIT:  # stages of several models may start at once (the flow's task threads)
         if ray.is_initialized():
             return
@@ -150,17 +195,22 @@ def init_ray(compute: ComputeConfig) -> None:
         else:
             ray.init(include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
             _started_local_ray = True
+            _reaper = _start_reaper(ray.get_runtime_context().get_session_name())
 
 
 def shutdown_local_ray() -> None:
-    """Stops the local Ray that `init_ray` started (a cluster connection is left alone)."""
-    global _started_local_ray
+    """Stops the local Ray that `init_ray` started (a cluster connection is left alone) and its reaper."""
+    global _started_local_ray, _reaper
     with _RAY_INIT:
         if _started_local_ray:
             import ray
 
             ray.shutdown()
             _started_local_ray = False
+        if _reaper is not None:
+            _reaper.stdin.close()  # the reaper kills what shutdown left, then exits
+            _reaper.wait()
+            _reaper = None
 
 
 def actor_options(spec: ModelSpec | None, compute: ComputeConfig) -> dict[str, Any]:

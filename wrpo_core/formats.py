@@ -20,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 
 from wrpo_core.prompts import prompt_id_of
-from wrpo_core.schemas import QUADRUPLES, DataError, atomic_write, conform, iter_jsonl
+from wrpo_core.schemas import QUADRUPLES, DataError, atomic_write, conform, iter_jsonl, quote
 
 _TEXT_COLUMNS = ["prompt_id", "prompt", "y_ws", "y_wt", "y_l"]
 
@@ -35,11 +35,16 @@ def _content(value: Any, role: str, *, at: str, name: str) -> str:
         raise DataError(
             f"{at}, field '{name}': expected a {{role, content}} message, got {type(value).__name__}"
         )
+    if "role" not in value:
+        raise DataError(f"{at}, field '{name}': message has no 'role' (expected {role!r})")
     if value.get("role") != role:
-        raise DataError(f"{at}, field '{name}': message role is {value.get('role')!r}, expected {role!r}")
+        raise DataError(
+            f"{at}, field '{name}': message role is {quote(value.get('role'))}, expected {role!r}"
+        )
     content = value.get("content")
     if not isinstance(content, str):
-        raise DataError(f"{at}, field '{name}.content': expected a string, got {type(content).__name__}")
+        problem = "missing" if "content" not in value else f"expected a string, got {type(content).__name__}"
+        raise DataError(f"{at}, field '{name}.content': {problem}")
     return content
 
 
@@ -72,7 +77,7 @@ def _prompt_id(record: dict[str, Any], prompt: str, *, where: str) -> str:
     if given is None:
         return prompt_id_of(prompt)
     if not isinstance(given, str) or not given:
-        raise DataError(f"{where}, field 'prompt_id': expected a non-empty string, got {given!r}")
+        raise DataError(f"{where}, field 'prompt_id': expected a non-empty string, got {quote(given)}")
     return given
 
 
@@ -81,7 +86,7 @@ def _require(record: Any, fields: list[str], *, where: str) -> None:
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
     missing = [f for f in fields if f not in record]
     if missing:
-        raise DataError(f"{where}: missing field(s) {missing}; found {sorted(record)}")
+        raise DataError(f"{where}: missing field(s) {missing}; found {quote(sorted(record))}")
 
 
 def _table(rows: list[tuple[str, str, str, str, str]], *, where: str) -> pa.Table:
@@ -113,16 +118,40 @@ def to_authors_records(quadruples: pa.Table) -> list[dict[str, Any]]:
     ]
 
 
-def from_authors_records(records: Iterable[dict[str, Any]], *, where: str) -> pa.Table:
-    """Rows of the authors' released format -> QUADRUPLES (null scores, y_ws_model "")."""
-    rows = []
+class JsonlRecords(list):
+    """The records of a JSONL file (a list) with `lines`, each record's 1-based line in the file."""
+
+    def __init__(self, records: Iterable[tuple[int, dict[str, Any]]] = ()):
+        pairs = list(records)
+        super().__init__(record for _, record in pairs)
+        self.lines = [line for line, _ in pairs]
+
+
+def _located(records: Iterable[dict[str, Any]], where: str) -> Iterable[tuple[str, dict[str, Any]]]:
+    """(location for errors, record): 'line N' for records read by `read_jsonl`, else 'row i' (0-based)."""
+    lines = getattr(records, "lines", None)
     for index, record in enumerate(records):
-        at = f"{where}: row {index}"
+        yield (f"{where}: line {lines[index]}" if lines is not None else f"{where}: row {index}"), record
+
+
+def _refuse_empty(rows: list, *, where: str, shape: str) -> None:
+    if not rows:
+        raise DataError(f"{where}: no rows; expected one {shape} row per line")
+
+
+def from_authors_records(records: Iterable[dict[str, Any]], *, where: str) -> pa.Table:
+    """Rows of the authors' released format -> QUADRUPLES (null scores, y_ws_model "").
+
+    Errors name `where`, the row (its line for records from `read_jsonl`) and the field; no rows is an error.
+    """
+    rows = []
+    for at, record in _located(records, where):
         _require(record, ["prompt", "chosen", "rejected"], where=at)
         prompt = _prompt(record["prompt"], at=at)
         y_ws, y_wt = _messages(record["chosen"], 2, at=at, name="chosen")
         (y_l,) = _messages(record["rejected"], 1, at=at, name="rejected")
         rows.append((_prompt_id(record, prompt, where=at), prompt, y_ws, y_wt, y_l))
+    _refuse_empty(rows, where=where, shape="authors'-format {prompt, chosen, rejected}")
     return _table(rows, where=where)
 
 
@@ -141,16 +170,19 @@ def to_trl_records(quadruples: pa.Table) -> list[dict[str, Any]]:
 
 
 def from_trl_records(records: Iterable[dict[str, Any]], *, where: str) -> pa.Table:
-    """TRL conversational preference rows with `source_chosen` -> QUADRUPLES (null scores, y_ws_model "")."""
+    """TRL conversational preference rows with `source_chosen` -> QUADRUPLES (null scores, y_ws_model "").
+
+    Errors name `where`, the row (its line for records from `read_jsonl`) and the field; no rows is an error.
+    """
     rows = []
-    for index, record in enumerate(records):
-        at = f"{where}: row {index}"
+    for at, record in _located(records, where):
         _require(record, ["prompt", "chosen", "rejected", "source_chosen"], where=at)
         prompt = _prompt(record["prompt"], at=at)
         (y_wt,) = _messages(record["chosen"], 1, at=at, name="chosen")
         (y_l,) = _messages(record["rejected"], 1, at=at, name="rejected")
         (y_ws,) = _messages(record["source_chosen"], 1, at=at, name="source_chosen")
         rows.append((_prompt_id(record, prompt, where=at), prompt, y_ws, y_wt, y_l))
+    _refuse_empty(rows, where=where, shape="TRL {prompt, chosen, rejected, source_chosen}")
     return _table(rows, where=where)
 
 
@@ -164,6 +196,10 @@ def write_jsonl(records: Iterable[dict[str, Any]], url: str) -> None:
     atomic_write(url, write)
 
 
-def read_jsonl(url: str) -> list[dict[str, Any]]:
-    """Read JSON-lines records from `url`; blank lines are skipped, a bad line raises DataError naming it."""
-    return [record for _, record in iter_jsonl(url)]
+def read_jsonl(url: str) -> JsonlRecords:
+    """Read JSON-lines records from `url`; blank lines are skipped, a bad line raises DataError naming it.
+
+    The list's `lines` hold each record's line, so `from_authors_records` / `from_trl_records` name lines.
+    A missing file or one that is not UTF-8 raises DataError naming it (and the line).
+    """
+    return JsonlRecords(iter_jsonl(url))

@@ -28,6 +28,7 @@ from transformers import (
 from wrpo_core.locations import resolve_location
 from wrpo_core.storage.layout import CACHED_SAVE_FILE
 from wrpo_core.storage.provenance import file_sha256
+from wrpo_core.tokenization import PositionLimit, model_max_positions
 from wrpo_core.train.checkpoints import FINGERPRINT_FILE
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
@@ -132,3 +133,17 @@ def model_identity(path: str, *, revision: str | None = None) -> dict[str, Any]:
     if not any(name.endswith(WEIGHT_SUFFIXES) for name in files):
         raise FileNotFoundError(f"model {path}: no weight files (*.safetensors, *.bin) in {local}")
     return {"files": files} if saved_id is None else {"save": saved_id, "files": files}
+
+
+def load_position_limit(
+    path: str,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> PositionLimit | None:
+    """How many positions the model at `path` holds (see `tokenization.model_max_positions`); only its config is read."""
+    config = AutoConfig.from_pretrained(
+        resolve_location(path), trust_remote_code=trust_remote_code, revision=revision
+    )
+    return model_max_positions(config, tokenizer)

@@ -18,7 +18,16 @@ import pyarrow.parquet as pq
 
 from wrpo_core.config import PromptsConfig
 from wrpo_core.locations import resolve_location
-from wrpo_core.schemas import PROMPTS, DataError, conform, iter_jsonl
+from wrpo_core.schemas import (
+    PROMPTS,
+    DataError,
+    conform,
+    decode_line,
+    file_not_found,
+    iter_jsonl,
+    open_input,
+    quote,
+)
 
 #: Fields searched for the prompt, in order, when no `prompt_field` is given.
 PROMPT_FIELDS = ("prompt", "instruction", "messages")
@@ -55,7 +64,7 @@ def _prompt_text(value: Any, *, where: str, field_name: str) -> str:
     if isinstance(value, dict):
         role = value.get("role", "user")
         if role != "user":
-            raise DataError(f"{where}, field '{field_name}': message role is {role!r}, expected 'user'")
+            raise DataError(f"{where}, field '{field_name}': message role is {quote(role)}, expected 'user'")
         if "content" not in value:
             raise DataError(f"{where}, field '{field_name}': message dict has no 'content'")
         value = value["content"]
@@ -76,7 +85,7 @@ def _row_prompt(row: dict[str, Any], *, where: str, prompt_field: str | None) ->
         if row.get(name) is not None:
             return _prompt_text(row[name], where=where, field_name=name)
     raise DataError(
-        f"{where}: no recognisable prompt field (looked for {list(PROMPT_FIELDS)}; found {sorted(row)}); "
+        f"{where}: no recognisable prompt field (looked for {list(PROMPT_FIELDS)}; found {quote(sorted(row))}); "
         "pass prompt_field="
     )
 
@@ -99,7 +108,7 @@ def _wanted_columns(names: list[str], prompt_field: str | None, where: str) -> l
     candidates = (prompt_field,) if prompt_field else PROMPT_FIELDS
     if not any(name in names for name in candidates):
         raise DataError(
-            f"{where}: no prompt column (looked for {list(candidates)}; found {names}); pass prompt_field="
+            f"{where}: no prompt column (looked for {list(candidates)}; found {quote(names)}); pass prompt_field="
         )
     return [name for name in names if name == "prompt_id" or name in candidates]
 
@@ -110,6 +119,8 @@ def _iter_rows(
     """Yield (location for errors, row dict) for every row of the input."""
     fs, fs_path = fsspec.core.url_to_fs(path)
     name = _base_name(path)
+    if not fs.exists(fs_path):
+        raise file_not_found(path, "prompt source")
     if fs.isdir(fs_path):
         yield from _iter_saved_dataset(path, prompt_field=prompt_field, split=split, report=report)
     elif name.endswith(".jsonl"):
@@ -118,26 +129,35 @@ def _iter_rows(
             yield f"{path}: line {line}", row
     elif name.endswith(".json"):
         report.sources.append(path)
-        with fsspec.open(path, "rt", encoding="utf-8", compression="infer") as handle:
-            try:
-                data = json.load(handle)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
+        with open_input(path, "prompt file") as handle:
+            raw = handle.read()
+        for number, line in enumerate(raw.split(b"\n"), start=1):
+            decode_line(line, url=path, line=number)  # names the first line that is not UTF-8
+        text = raw.decode("utf-8")
+        try:
+            data = json.loads(text.removeprefix("\ufeff"))
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"{path}: line {exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})"
+            ) from exc
         if not isinstance(data, list):
             raise DataError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
         for index, row in enumerate(data):
             if not isinstance(row, dict):
-                raise DataError(f"{path}: row {index}: expected a JSON object, got {type(row).__name__}")
+                raise DataError(
+                    f"{path}: row {index}: expected a JSON object, got {type(row).__name__} {quote(row)}"
+                )
             yield f"{path}: row {index}", row
     elif name.endswith(".parquet"):
         report.sources.append(path)
         with fs.open(fs_path, "rb") as handle:
-            parquet = pq.ParquetFile(handle)
+            try:
+                parquet = pq.ParquetFile(handle)
+            except pa.ArrowInvalid as exc:
+                raise DataError(f"{path}: not a readable Parquet file: {exc}") from exc
             columns = _wanted_columns(parquet.schema_arrow.names, prompt_field, path)
             table = parquet.read(columns=columns)
         yield from _rows_of_table(table, path)
-    elif not fs.exists(fs_path):
-        raise FileNotFoundError(f"prompt source not found: {path}")
     else:
         raise DataError(
             f"{path}: unsupported prompt source; "
@@ -200,6 +220,12 @@ def load_prompts(
         ids.append(pid)
         texts.append(text)
     report.kept = len(ids)
+    if not ids:
+        raise DataError(
+            f"{path}: no prompts: the input holds no rows"
+            + (f" (split {split!r})" if split is not None else "")
+            + "; a run needs at least one prompt"
+        )
     table = pa.table({"prompt_id": pa.array(ids, pa.string()), "prompt": pa.array(texts, pa.string())})
     return conform(table, PROMPTS, where=path), report
 
@@ -210,6 +236,11 @@ def read_prompts(section: PromptsConfig) -> tuple[pa.Table, IngestReport]:
         resolve_location(section.path), prompt_field=section.prompt_field, split=section.split
     )
     return (table if section.limit is None else table.slice(0, section.limit)), report
+
+
+def split_size(n: int, sft_fraction: float) -> int:
+    """How many of `n` prompts `split_prompts` gives to SFT: round(n * sft_fraction)."""
+    return round(n * sft_fraction)
 
 
 def split_prompts(
@@ -233,8 +264,8 @@ def split_prompts(
         )
     keys = [hashlib.sha256(f"{seed}:{pid}".encode()).hexdigest() for pid in ids]
     order = sorted(range(len(ids)), key=keys.__getitem__)
-    n_sft = round(len(ids) * sft_fraction)
+    n_sft = split_size(len(ids), sft_fraction)
     return table.take(pa.array(order[:n_sft], pa.int64())), table.take(pa.array(order[n_sft:], pa.int64()))
 
 
-__all__ = ["PROMPT_FIELDS", "IngestReport", "load_prompts", "prompt_id_of", "split_prompts"]
+__all__ = ["PROMPT_FIELDS", "IngestReport", "load_prompts", "prompt_id_of", "split_prompts", "split_size"]

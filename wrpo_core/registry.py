@@ -8,24 +8,29 @@ schedule) then fuses the config's sources plus the registered ones. Files, under
     registry/sources.json   {"version": N, "updated_at": ..., "sources": [ModelSpec, ...], "history": [...]}
     registry/fused/<digest of the run>.json   {run, model, sources, evaluation, ...}: one per fused model
 
-Writes replace the whole object (atomic on local disks and object stores). Two `add`s at the
-same instant can lose one; the registry is meant for a handful of operators.
+Every change is a compare-and-swap (`storage.write_if`: a lock file on local disks, conditional
+writes on S3): it is written only if `sources.json` is still the one it was computed from, else it
+is computed again from the new one. So concurrent `add`s never lose a registration and every
+change gets its own version number.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from wrpo_core.config import FusionConfig, ModelSpec
-from wrpo_core.storage import BlockLoader, Storage, digest
+from wrpo_core.storage import BlockLoader, ConditionFailed, Storage, digest, read_tagged, write_if
 
 SOURCES_KEY = "registry/sources.json"
+MAX_ATTEMPTS = 100
+"""Tries of one change while other processes keep changing the registry first."""
 FUSED_PREFIX = "registry/fused"
 
 
@@ -52,7 +57,10 @@ def open_registry(
 
 def read_sources(storage: Storage) -> dict[str, Any]:
     """The registry document (an empty one, version 0, when nothing was registered yet)."""
-    data = storage.read_bytes_if_exists(SOURCES_KEY)
+    return _parse(storage, storage.read_bytes_if_exists(SOURCES_KEY))
+
+
+def _parse(storage: Storage, data: bytes | None) -> dict[str, Any]:
     if data is None:
         return {"version": 0, "updated_at": None, "sources": [], "history": []}
     try:
@@ -72,15 +80,35 @@ def registered_sources(storage: Storage) -> list[ModelSpec]:
     return [ModelSpec.model_validate(s) for s in read_sources(storage)["sources"]]
 
 
-def _write(
-    storage: Storage, document: dict[str, Any], action: str, name: str, note: Mapping[str, Any] | None = None
+def _change(
+    storage: Storage,
+    change: Callable[[dict[str, Any]], tuple[str, str]],
+    note: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    document["version"] += 1
-    document["updated_at"] = _now()
-    entry = {"version": document["version"], "action": action, "name": name, "at": _now()}
-    document["history"].append({**entry, **(note or {})})
-    storage.write_json(SOURCES_KEY, document)
-    return document
+    """Applies `change` (document -> (action, name), or RegistryError) as one compare-and-swap.
+
+    When another process changed the registry in between, the change is made again on its
+    version (so a duplicate name it registered is still refused).
+    """
+    for _ in range(MAX_ATTEMPTS):
+        data, tag = read_tagged(storage, SOURCES_KEY)
+        document = _parse(storage, data)
+        action, name = change(document)
+        document["version"] += 1
+        document["updated_at"] = _now()
+        entry = {"version": document["version"], "action": action, "name": name, "at": _now()}
+        document["history"].append({**entry, **(note or {})})
+        text = storage.redact(json.dumps(document, indent=2, sort_keys=True, default=str))
+        try:
+            write_if(storage, SOURCES_KEY, text.encode(), tag)
+        except ConditionFailed:
+            time.sleep(random.uniform(0.01, 0.1))  # another change won; redo ours on top of it
+            continue
+        return document
+    raise RegistryError(
+        f"{storage.display(SOURCES_KEY)}: other processes changed the registry {MAX_ATTEMPTS} times "
+        "while this change was made; try again"
+    )
 
 
 def add_source(
@@ -90,24 +118,30 @@ def add_source(
 
     `note` adds fields to the history entry (discovery records its rule and the revision).
     """
-    document = read_sources(storage)
-    names = [s["name"] for s in document["sources"]]
-    if spec.name in names and not replace:
-        raise RegistryError(f"source {spec.name!r} is already registered (pass --replace to change it)")
-    entry = spec.model_dump(mode="json")
-    document["sources"] = [s for s in document["sources"] if s["name"] != spec.name] + [entry]
-    return _write(storage, document, "replace" if spec.name in names else "add", spec.name, note)
+
+    def change(document: dict[str, Any]) -> tuple[str, str]:
+        names = [s["name"] for s in document["sources"]]
+        if spec.name in names and not replace:
+            raise RegistryError(f"source {spec.name!r} is already registered (pass --replace to change it)")
+        entry = spec.model_dump(mode="json")
+        document["sources"] = [s for s in document["sources"] if s["name"] != spec.name] + [entry]
+        return ("replace" if spec.name in names else "add"), spec.name
+
+    return _change(storage, change, note)
 
 
 def remove_source(storage: Storage, name: str) -> dict[str, Any]:
     """Unregisters a source model by name (sources written in a config are changed in the config)."""
-    document = read_sources(storage)
-    if name not in [s["name"] for s in document["sources"]]:
-        raise RegistryError(
-            f"source {name!r} is not registered; registered: {[s['name'] for s in document['sources']]}"
-        )
-    document["sources"] = [s for s in document["sources"] if s["name"] != name]
-    return _write(storage, document, "remove", name)
+
+    def change(document: dict[str, Any]) -> tuple[str, str]:
+        if name not in [s["name"] for s in document["sources"]]:
+            raise RegistryError(
+                f"source {name!r} is not registered; registered: {[s['name'] for s in document['sources']]}"
+            )
+        document["sources"] = [s for s in document["sources"] if s["name"] != name]
+        return "remove", name
+
+    return _change(storage, change)
 
 
 def with_registered_sources(cfg: FusionConfig, sources: list[ModelSpec]) -> FusionConfig:

@@ -61,6 +61,31 @@ class DataError(ValueError):
     """Bad input data; the message names the file/table, row and field to fix."""
 
 
+#: Characters of an input value an error message quotes before cutting it (see `quote`).
+QUOTE_CHARS = 80
+
+
+def quote(value: Any, limit: int = QUOTE_CHARS) -> str:
+    """An input value as an error message quotes it: its repr, cut to `limit` characters when longer.
+
+    A long value is shown as its first `limit` characters of repr, then "… (N characters)" with N the
+    length of the value's repr, so a 300 KB prompt never fills a log line.
+    """
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text)} characters)"
+
+
+class MissingInputError(DataError, FileNotFoundError):
+    """An input file or folder that does not exist (a DataError, and a FileNotFoundError for callers)."""
+
+
+def file_not_found(url: str, what: str = "file") -> MissingInputError:
+    """The error for an input file that does not exist, naming it."""
+    return MissingInputError(f"{url}: {what} not found")
+
+
 def _req(name: str, type_: pa.DataType) -> pa.Field:
     return pa.field(name, type_, nullable=False)
 
@@ -172,7 +197,7 @@ def conform(table: pa.Table, schema: pa.Schema, *, where: str) -> pa.Table:
             if pc.any(bad).as_py():
                 first = pc.index(bad, True).as_py()
                 raise DataError(
-                    f"{where}: row {first}, column '{field.name}' has value {column[first].as_py()!r}; "
+                    f"{where}: row {first}, column '{field.name}' has value {quote(column[first].as_py())}; "
                     f"allowed: {sorted(allowed)}"
                 )
         arrays.append(column)
@@ -223,20 +248,54 @@ def schema_fingerprint(schema: pa.Schema) -> str:
     return hashlib.sha256(schema.serialize().to_pybytes()).hexdigest()[:16]
 
 
+def decode_line(raw: bytes, *, url: str, line: int) -> str:
+    """One line of a text file decoded as UTF-8; a DataError names the file, line and byte column if not."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{url}: line {line}: not UTF-8 (byte {raw[exc.start : exc.start + 1]!r} at column "
+            f"{exc.start + 1}); save the file as UTF-8"
+        ) from None
+
+
+def open_input(url: str, what: str = "file") -> IO[bytes]:
+    """An input file opened for binary reading (compression inferred from the suffix).
+
+    A missing file, a folder or an unreadable one raises DataError naming it.
+    """
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.exists(path):
+        raise file_not_found(url, what)
+    if fs.isdir(path):
+        raise DataError(f"{url}: is a folder, expected a {what}")
+    try:
+        return fsspec.open(url, "rb", compression="infer").open()
+    except PermissionError as exc:
+        raise DataError(f"{url}: {what} cannot be read: permission denied") from exc
+
+
 def iter_jsonl(url: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (1-based line number, object) for each non-blank line of a JSONL file at `url`.
 
-    Invalid JSON or a line that is not a JSON object raises DataError naming the file and line.
-    Compressed files (.gz, .bz2, .xz, .zst) are decompressed by suffix.
+    A missing file, bytes that are not UTF-8, invalid JSON or a line that is not a JSON object raise
+    DataError naming the file and line. Compressed files (.gz, .bz2, .xz, .zst) are decompressed by suffix.
     """
-    with fsspec.open(url, "rt", encoding="utf-8", compression="infer") as handle:
-        for number, line in enumerate(handle, start=1):
+    with open_input(url) as handle:
+        for number, raw in enumerate(handle, start=1):
+            line = decode_line(raw, url=url, line=number)
+            if number == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark some editors write
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{url}: line {number}: invalid JSON: {exc.msg}") from exc
+                raise DataError(
+                    f"{url}: line {number}: invalid JSON: {exc.msg} (column {exc.colno})"
+                ) from exc
             if not isinstance(record, dict):
-                raise DataError(f"{url}: line {number}: expected a JSON object, got {type(record).__name__}")
+                raise DataError(
+                    f"{url}: line {number}: expected a JSON object, got {type(record).__name__} {quote(record)}"
+                )
             yield number, record

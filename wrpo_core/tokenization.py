@@ -27,6 +27,7 @@ Rules (used identically by SFT, reference log-probs and WRPO):
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +35,54 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+logger = logging.getLogger(__name__)
+
 IGNORE_INDEX = -100
+
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length",
+                 "n_ctx")  # fmt: skip
+"""Model-config attributes that hold the number of positions a model takes (Llama/Mistral/Qwen/Gemma
+name it max_position_embeddings, GPT-2 n_positions, ChatGLM seq_length, ...): the ones vLLM reads."""
+
+_UNSET_LENGTH = int(1e29)
+"""A tokenizer without a stated limit carries transformers' placeholder (int(1e30)): at or above this, none."""
+
+
+@dataclass(frozen=True)
+class PositionLimit:
+    """How many positions (prompt + response tokens) a model holds, and where that number was read."""
+
+    positions: int
+    source: str
+
+
+def model_max_positions(
+    model_config: Any, tokenizer: PreTrainedTokenizerBase | None = None
+) -> PositionLimit | None:
+    """The number of positions a model takes: its config's limit, else its tokenizer's `model_max_length`.
+
+    The config wins (the smallest of its `POSITION_KEYS` that are set): it is the size the weights were
+    built and trained for, and the number vLLM derives its `max_model_len` from, so both sampling
+    backends agree. The tokenizer's `model_max_length` is metadata: most chat tokenizers (Llama-3,
+    Mistral) carry transformers' 1e30 placeholder, and a set one is sometimes a training recipe's
+    length below what the model holds; it is used only when the config states no limit. RoPE scaling
+    is not extrapolated (a scaled model that states its original length is limited to it). None when
+    neither states a limit.
+    """
+    found = [
+        (int(value), key)
+        for key in POSITION_KEYS
+        if isinstance(value := getattr(model_config, key, None), int)
+        and not isinstance(value, bool)
+        and value > 0
+    ]
+    if found:
+        positions, key = min(found)
+        return PositionLimit(positions, f"{key} {positions} of the model config")
+    length = getattr(tokenizer, "model_max_length", None)
+    if isinstance(length, int) and 0 < length < _UNSET_LENGTH:
+        return PositionLimit(length, f"model_max_length {length} of the tokenizer (the config states none)")
+    return None
 
 
 @dataclass
@@ -185,6 +233,27 @@ def truncate(
     return EncodedExample(prompt_ids, [r[:room] for r in response_ids], prompt_truncated, cut)
 
 
+def fit_lengths(
+    max_length: int, max_prompt_length: int, max_positions: int, *, where: str = "training"
+) -> tuple[int, int]:
+    """(max_length, max_prompt_length) clipped to a model that holds `max_positions` positions.
+
+    A configured `max_length` above the model's positions would index past its position table (or
+    extrapolate RoPE beyond its training): it is clipped to `max_positions`, and `max_prompt_length` to
+    keep it below (scaled in proportion, at least one response token left). Unchanged when they fit.
+    """
+    if max_positions < 2:
+        raise ValueError(
+            f"{where}: the model holds {max_positions} position(s); it cannot take a prompt and a response"
+        )
+    if max_length <= max_positions:
+        return max_length, max_prompt_length
+    prompt = min(
+        max_prompt_length, max(1, max_prompt_length * max_positions // max_length), max_positions - 1
+    )
+    return max_positions, prompt
+
+
 def encode_example(
     tokenizer: PreTrainedTokenizerBase,
     prompt: str,
@@ -193,8 +262,15 @@ def encode_example(
     max_length: int,
     max_prompt_length: int,
     eot_id: int | None = None,
+    max_positions: int | None = None,
 ) -> EncodedExample:
-    """Tokenizes one prompt with its responses (e.g. [y_ws, y_wt, y_l]) and truncates them to fit."""
+    """Tokenizes one prompt with its responses (e.g. [y_ws, y_wt, y_l]) and truncates them to fit.
+
+    `max_positions` (the model's, see `model_max_positions`) caps the lengths: `fit_lengths` clips
+    `max_length` (and `max_prompt_length` below it) to what the model holds; the truncation then counts.
+    """
+    if max_positions is not None:
+        max_length, max_prompt_length = fit_lengths(max_length, max_prompt_length, max_positions)
     eot = end_of_turn_id(tokenizer) if eot_id is None else eot_id
     templated = prompt_text(tokenizer, prompt)
     prompt_ids = _ids(tokenizer, templated)

@@ -8,11 +8,13 @@ field instead of a silently ignored setting. Defaults follow the WRPO paper
 
 The parts: `run` (FusionConfig and its sections), `model_specs` (sources, target, reward model),
 `training` (SFT / WRPO hyper-parameters, launchers, job configs), `discovery` (watch rules for new
-hub models), `base` (loading and errors).
+hub models), `base` (loading, errors, coercion rules), `names` (the pipeline's own model and stage
+names, refused as model names), `credentials` (credentials in a config: found, redacted, refused).
 Every field carries a description, which the Prefect UI form and the docs show.
 """
 
 from wrpo_core.config.base import ConfigError, ConfigModel, format_validation_error, load_config, parse_config
+from wrpo_core.config.credentials import config_json, credential_fields, redacted_config_data
 from wrpo_core.config.discovery import (
     DiscoveryConfig,
     SamplingClusterConfig,
@@ -58,8 +60,11 @@ __all__ = [
     "WRPOJobConfig",
     "WatchRule",
     "_TrainingHyperparameters",
+    "config_json",
+    "credential_fields",
     "format_validation_error",
     "load_config",
     "parse_config",
     "parse_parameter_count",
+    "redacted_config_data",
 ]

@@ -27,7 +27,7 @@ from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
-from wrpo_core.config.base import ConfigModel
+from wrpo_core.config.base import ConfigModel, FieldProblem
 from wrpo_core.config.model_specs import SamplingConfig
 
 _SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
@@ -140,8 +140,9 @@ class WatchRule(ConfigModel):
     @model_validator(mode="after")
     def _bounds(self) -> WatchRule:
         if self.min_parameters and self.max_parameters and self.min_parameters > self.max_parameters:
-            raise ValueError(
-                f"min_parameters {self.min_parameters} exceeds max_parameters {self.max_parameters}"
+            raise FieldProblem(
+                "min_parameters",
+                f"min_parameters {self.min_parameters} exceeds max_parameters {self.max_parameters}",
             )
         return self
 

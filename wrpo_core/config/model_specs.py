@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from wrpo_core.config.base import NAME_RE, ConfigModel
+from wrpo_core.config.base import ConfigModel, checked_model_name
 
 
 class SamplingConfig(ConfigModel):
@@ -55,7 +55,10 @@ class ModelSpec(ConfigModel):
 
     path: str = Field(description="Hub id (org/name) or local folder of a Hugging Face model.")
     name: str | None = Field(
-        default=None, description="Short name used in storage keys; defaults to the last part of the path."
+        default=None,
+        description="Short name used in storage keys and stage names; defaults to the last part of the path. "
+        "Letters, digits, '.', '_' and '-', starting with a letter or digit; not one of the pipeline's own "
+        "names (target-sft, wrpo, dpo, the stage names, nor sample-/score- followed by a model of the run).",
     )
     backend: Literal["hf", "vllm"] = Field(
         default="hf",
@@ -82,6 +85,13 @@ class ModelSpec(ConfigModel):
         description="Responses per prompt, temperature, top-p, length.",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_name(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("name") is None and isinstance(data.get("path"), str):
+            return {**data, "name": data["path"].rstrip("/").split("/")[-1]}
+        return data
+
     @field_validator("path")
     @classmethod
     def _path_not_empty(cls, value: str) -> str:
@@ -89,16 +99,10 @@ class ModelSpec(ConfigModel):
             raise ValueError("must be a hub id or a local path, got an empty string")
         return value
 
-    @model_validator(mode="after")
-    def _default_name(self) -> ModelSpec:
-        if self.name is None:
-            object.__setattr__(self, "name", self.path.rstrip("/").split("/")[-1])
-        if not NAME_RE.match(self.name or ""):
-            raise ValueError(
-                f"name {self.name!r} must start with a letter or digit and use only letters, digits, '.', '_' "
-                "or '-' (it becomes a storage key); set `name` explicitly"
-            )
-        return self
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_key(cls, value: str | None) -> str | None:
+        return None if value is None else checked_model_name(value)
 
 
 class RewardModelSpec(ConfigModel):

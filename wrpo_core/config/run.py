@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from wrpo_core.config.base import ConfigModel
+from wrpo_core.config.base import ConfigModel, FieldProblem, checked_name, checked_root_url
 from wrpo_core.config.model_specs import ModelSpec, RewardModelSpec
+from wrpo_core.config.names import per_model_stage_names
 from wrpo_core.config.training import LaunchConfig, SFTConfig, WRPOConfig, planned_global_batch
 
 
@@ -63,6 +64,11 @@ class StorageConfig(ConfigModel):
         default_factory=dict, description="Passed to fsspec (e.g. endpoint_url for S3); keep secrets in env."
     )
 
+    @field_validator("url")
+    @classmethod
+    def _root_url(cls, value: str) -> str:
+        return checked_root_url(value, "storage.url")
+
 
 class ComputeConfig(ConfigModel):
     """Where the work runs: the device for local work and the Ray cluster for fan-out."""
@@ -108,7 +114,11 @@ class EvaluationConfig(ConfigModel):
 class FusionConfig(ConfigModel):
     """A whole fusion run: prompts, sources, target, reward model, split, SFT, WRPO, storage, compute."""
 
-    run_name: str = Field(default="fusion", description="Name of the run's folder under storage.url.")
+    run_name: str = Field(
+        default="fusion",
+        description="Name of the run's folder under storage.url: letters, digits, '.', '_' and '-', starting "
+        "with a letter or digit.",
+    )
     prompts: PromptsConfig = Field(
         title="Prompts", description="The prompt set (split into SFT and preference)."
     )
@@ -153,18 +163,48 @@ class FusionConfig(ConfigModel):
         description="How SFT and WRPO train: torchrun or Ray Train jobs; None = in the stage's process.",
     )
 
+    @field_validator("run_name")
+    @classmethod
+    def _run_name_is_a_folder(cls, value: str) -> str:
+        return checked_name(value, "run_name")
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_source_names(cls, sources: list[ModelSpec]) -> list[ModelSpec]:
+        names = [str(s.name).lower() for s in sources]  # a case-insensitive disk has one folder for both
+        repeated = sorted({str(s.name) for s in sources if names.count(str(s.name).lower()) > 1})
+        if repeated:
+            raise ValueError(
+                f"source model names must be unique (ignoring case); repeated: {repeated} (set `name`)"
+            )
+        return sources
+
+    @field_validator("target")
+    @classmethod
+    def _target_not_a_source(cls, target: ModelSpec, info: ValidationInfo) -> ModelSpec:
+        sources = {str(s.name).lower() for s in info.data.get("sources") or []}
+        if str(target.name).lower() in sources:
+            raise ValueError(f"target name {target.name!r} is also a source name; set `target.name`")
+        return target
+
     @model_validator(mode="after")
-    def _global_batches_divide(self) -> FusionConfig:
-        for section in (self.sft, self.wrpo):  # refused here, not when a stage builds its job
-            planned_global_batch(section, self.launch)
+    def _no_model_named_like_a_stage(self) -> FusionConfig:
+        stages = per_model_stage_names([str(s.name) for s in self.sources])
+        named = [(f"sources.{i}.name", s.name) for i, s in enumerate(self.sources)]
+        for field, name in [*named, ("target.name", self.target.name)]:
+            if str(name).lower() in stages:
+                raise FieldProblem(
+                    field,
+                    f"name {name!r} is the name of one of this run's stages (sample-MODEL, score-MODEL); "
+                    "set `name` to another name",
+                )
         return self
 
     @model_validator(mode="after")
-    def _unique_source_names(self) -> FusionConfig:
-        names = [s.name for s in self.sources]
-        duplicated = sorted({n for n in names if names.count(n) > 1})
-        if duplicated:
-            raise ValueError(f"source model names must be unique; repeated: {duplicated} (set `name`)")
-        if self.target.name in names:
-            raise ValueError(f"target name {self.target.name!r} is also a source name; set `target.name`")
+    def _global_batches_divide(self) -> FusionConfig:
+        for field, section in (("sft", self.sft), ("wrpo", self.wrpo)):  # refused here, not in a stage
+            try:
+                planned_global_batch(section, self.launch)
+            except ValueError as error:
+                raise FieldProblem(f"{field}.global_batch_size", str(error)) from None
         return self

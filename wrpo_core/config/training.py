@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from wrpo_core.config.base import ConfigModel
+from wrpo_core.config.base import ConfigModel, FieldProblem, checked_name, checked_root_url
 
 
 class _TrainingHyperparameters(ConfigModel):
@@ -244,7 +244,7 @@ class WRPOConfig(_TrainingHyperparameters):
     @model_validator(mode="after")
     def _prompt_fits(self) -> WRPOConfig:
         if self.max_prompt_length >= self.max_length:
-            raise ValueError(
+            raise ValueError(  # names both fields, reported at the section (tests/test_config.py)
                 f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length ({self.max_length})"
             )
         return self
@@ -252,11 +252,12 @@ class WRPOConfig(_TrainingHyperparameters):
     @model_validator(mode="after")
     def _simpo_beta(self) -> WRPOConfig:
         if self.loss_type == "simpo" and self.beta < SIMPO_MIN_BETA:
-            raise ValueError(
+            raise FieldProblem(
+                "beta",
                 f"beta {self.beta} is a DPO-scale beta, too small for loss_type 'simpo': SimPO's reward is the "
                 f"per-token average log-prob, so it needs beta >= {SIMPO_MIN_BETA} (SimPO uses 2 to 10; SimPO "
                 "paper, Llama-3-8B-Instruct: beta 2.5 with simpo_gamma 1.375); set wrpo.beta (training.beta "
-                "in a job config)"
+                "in a job config)",
             )
         return self
 
@@ -309,6 +310,16 @@ class LaunchConfig(ConfigModel):
         "False: each machine keeps its own copy of every checkpoint (needed to resume on local disks).",
     )
 
+    @field_validator("storage_path")
+    @classmethod
+    def _root_url(cls, value: str | None) -> str | None:
+        return None if value is None else checked_root_url(value, "launch.storage_path")
+
+    @field_validator("run_name")
+    @classmethod
+    def _run_name_is_a_folder(cls, value: str | None) -> str | None:
+        return None if value is None else checked_name(value, "launch.run_name")
+
 
 def planned_world_size(launch: LaunchConfig | None) -> int:
     """How many training processes a job with this launch section runs.
@@ -350,7 +361,10 @@ class _JobConfig(ConfigModel):
 
     @model_validator(mode="after")
     def _global_batch_divides(self) -> _JobConfig:
-        planned_global_batch(self.training, self.launch)  # a global batch that does not divide is an error
+        try:
+            planned_global_batch(self.training, self.launch)
+        except ValueError as error:
+            raise FieldProblem("training.global_batch_size", str(error)) from None
         return self
 
 

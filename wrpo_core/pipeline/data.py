@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 from wrpo_core import fanout
 from wrpo_core.config import FusionConfig, ModelSpec
 from wrpo_core.pipeline.roles import TARGET_SFT
-from wrpo_core.prompts import read_prompts, split_prompts
+from wrpo_core.prompts import read_prompts, split_prompts, split_size
 from wrpo_core.rewards import load_scorer, score_samples
 from wrpo_core.sampling import load_sampler
 from wrpo_core.schemas import BEST_SOURCE, PROMPTS, QUADRUPLES, SAMPLES, SCORES, DataError
@@ -38,8 +38,21 @@ def rows_of_split(layout: RunLayout, table: pa.Table, split_name: str) -> pa.Tab
 
 
 def ingest(cfg: FusionConfig, layout: RunLayout) -> dict:
-    """Reads the prompt source, collapses duplicates, stores PROMPTS."""
+    """Reads the prompt source, collapses duplicates, stores PROMPTS.
+
+    Refuses (before anything is stored) a source whose prompts cannot fill both parts of the split:
+    SFT and preference optimization each need at least one prompt.
+    """
     table, report = read_prompts(cfg.prompts)
+    n_sft = split_size(table.num_rows, cfg.split.sft_fraction)
+    if n_sft == 0 or n_sft == table.num_rows:
+        empty = "SFT" if n_sft == 0 else "preference"
+        raise DataError(
+            f"{cfg.prompts.path}: {table.num_rows} prompt(s) after removing {report.duplicates} duplicate(s)"
+            + (f" and cutting to prompts.limit {cfg.prompts.limit}" if cfg.prompts.limit is not None else "")
+            + f": split.sft_fraction {cfg.split.sft_fraction} leaves the {empty} part empty; "
+            "add prompts or change split.sft_fraction"
+        )
     layout.write_dataset(layout.prompts, table, PROMPTS)
     return {"prompts": table.num_rows, "rows_read": report.rows_read, "duplicates": report.duplicates}
 
@@ -79,6 +92,7 @@ def sample(
         "finished_by_length": report.finished_by_length,
         "prompts_truncated": report.prompts_truncated,
         "prompts_skipped_empty": report.prompts_skipped_empty,
+        "max_prompt_tokens": report.max_prompt_tokens,
     }
 
 
@@ -113,6 +127,9 @@ def sample_on_ray(
         "shards": len(shards),
         "shards_run_now": len(results),
         "completion_tokens_run_now": sum(r["completion_tokens"] for r in results.values()),
+        # Counted by the shards run now (a shard written by an earlier, interrupted attempt is not).
+        "prompts_truncated": sum(r.get("prompts_truncated", 0) for r in results.values()),
+        "prompts_skipped_empty": sum(r.get("prompts_skipped_empty", 0) for r in results.values()),
     }
 
 
@@ -168,8 +185,25 @@ def select_source(cfg: FusionConfig, layout: RunLayout) -> dict:
     )
     _check_selected(report, "select-source", "the sources")
     layout.write_dataset(layout.best_source, best, BEST_SOURCE)
-    per_model = per_model_statistics(samples, scores, report.ws_share, drop_length_stopped=dropping)
+    per_model = per_model_statistics(
+        samples,
+        scores,
+        report.ws_share,
+        drop_length_stopped=dropping,
+        sampling=_sampling_summaries(layout, names),
+    )
     return {**report.as_dict(), "per_model": per_model}
+
+
+def _sampling_summaries(layout: RunLayout, models: list[str]) -> dict[str, dict]:
+    """Each model's sample-stage summary (what its sampler counted, e.g. prompts_truncated), by model."""
+    found = {}
+    for model in models:
+        manifest = layout.read_manifest(f"sample-{model}")
+        if manifest is None:
+            raise DataError(f"select-source: stage sample-{model} has no manifest; it must complete first")
+        found[model] = manifest.get("summary", {})
+    return found
 
 
 def per_model_statistics(
@@ -178,10 +212,14 @@ def per_model_statistics(
     ws_share: dict[str, float],
     *,
     drop_length_stopped: Collection[str] = (),
+    sampling: dict[str, dict] | None = None,
 ) -> list[dict]:
     """One row per source model: samples, completion tokens, mean reward, share of y_ws supplied, and
     `length_stopped` (samples cut by max_new_tokens) with `length_stopped_dropped` (of those, the ones
-    left out of selection: all of them for a model in `drop_length_stopped`, else none)."""
+    left out of selection: all of them for a model in `drop_length_stopped`, else none).
+
+    With `sampling` (each model's sample-stage summary), rows also carry `prompts_truncated` (prompts
+    cut to fit the configured prompt length or the model's positions) and `prompts_skipped_empty`."""
     counts = samples.group_by("model").aggregate(
         [("completion_tokens", "sum"), ("completion_tokens", "count")]
     )
@@ -202,6 +240,10 @@ def per_model_statistics(
                      "mean_reward": rewards.get(model), "ws_share": ws_share.get(model, 0.0),
                      "length_stopped": length_stopped,
                      "length_stopped_dropped": length_stopped if model in drop_length_stopped else 0})  # fmt: skip
+        if sampling is not None:
+            counted = sampling.get(model, {})
+            rows[-1] |= {"prompts_truncated": counted.get("prompts_truncated"),
+                         "prompts_skipped_empty": counted.get("prompts_skipped_empty")}  # fmt: skip
     return sorted(rows, key=lambda row: row["model"])
 
 

@@ -27,7 +27,7 @@ from wrpo_core.pipeline import data, publishing, training
 from wrpo_core.pipeline.roles import DPO_BASELINE, FUSED, TARGET_SFT
 from wrpo_core.pipeline.runner import Outcome, Stage, config_hash, run_stage_outcome, sibling_runs
 from wrpo_core.pipeline.training import TrainingHooks
-from wrpo_core.storage import DEFAULT_ROWS_PER_FILE, BlockLoader, RunLayout, safe_name
+from wrpo_core.storage import DEFAULT_ROWS_PER_FILE, BlockLoader, Lease, RunLayout, safe_name
 from wrpo_core.train.jobs import LogCallback, MetricsCallback
 
 logger = logging.getLogger(__name__)
@@ -192,19 +192,23 @@ def run_pipeline(
     layout: RunLayout | None = None,
     reuse: bool = True,
     load_block: BlockLoader | None = None,
+    break_lease: bool = False,
 ) -> dict[str, dict]:
-    """Probes the storage, then runs every unfinished stage in order; returns each stage's summary.
+    """Probes the storage, takes the run's lease, then runs every unfinished stage in order.
 
-    The run lives at `root` (a local path or URL) or `<storage.url>/<run_name>`; pass `layout`
-    instead to choose the cache folder or file sizes. With `reuse`, samples and scores that
-    another run under the same storage URL made with the same settings and inputs are copied.
+    Returns each stage's summary. The run lives at `root` (a local path or URL) or
+    `<storage.url>/<run_name>`; pass `layout` instead to choose the cache folder or file sizes.
+    With `reuse`, samples and scores that another run under the same storage URL made with the
+    same settings and inputs are copied. The lease (`<run>/lease.json`) is held until the end: a
+    second run of the same folder is refused (LeaseError naming the holder) unless `break_lease`.
     """
     layout = layout or layout_for(cfg, root, load_block=load_block)
     layout.storage.check()
-    summaries = {
-        stage.name: run_pipeline_stage(cfg, layout, stage, reuse=reuse)[1]
-        for stage in pipeline_stages(cfg, layout)
-    }
+    summaries = {}
+    with Lease(layout.storage, purpose=f"run {cfg.run_name}", break_lease=break_lease) as lease:
+        for stage in pipeline_stages(cfg, layout):
+            lease.check()  # taken over by another run (judged stale, or broken): stop before writing more
+            summaries[stage.name] = run_pipeline_stage(cfg, layout, stage, reuse=reuse)[1]
     for row in summaries["select-source"].get("per_model", []):
         logger.info(
             "source %s: %d samples, %d tokens, mean reward %.4f, y_ws share %.1f%%", row["model"],

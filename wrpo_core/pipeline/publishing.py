@@ -34,7 +34,8 @@ def model_card(
 ) -> str:
     """The lineage card (README.md) of a model a run trained: sources, reward model, data, config, metrics.
 
-    Secrets never appear: storage options are redacted, then the whole text is.
+    No credential appears, access key ids included: the config's are masked (storage options,
+    launch env, URL passwords; see wrpo_core.config.credentials), then the whole text is redacted.
     """
     titles = {TARGET_SFT: "Target-SFT", FUSED: "Target-SFT-WRPO", DPO_BASELINE: "Target-SFT-DPO"}
     version = code_version()

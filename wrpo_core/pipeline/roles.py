@@ -1,10 +1,9 @@
-"""The names of the models a fusion run trains, as they appear in storage keys and stage names."""
+"""The names of the models a fusion run trains, as they appear in storage keys and stage names.
 
-TARGET_SFT = "target-sft"
-"""The target after SFT on (x, y_ws): WRPO's policy start and reference."""
+Defined in wrpo_core.config.names (the config refuses them as source and target names without
+importing the pipeline); re-exported here for the pipeline's modules.
+"""
 
-FUSED = "wrpo"
-"""The fused model: Target-SFT after WRPO."""
+from wrpo_core.config.names import DPO_BASELINE, FUSED, MODEL_ROLES, TARGET_SFT
 
-DPO_BASELINE = "dpo"
-"""The DPO baseline (WRPO at alpha 0 on the same data), trained only when asked for (the demo)."""
+__all__ = ["DPO_BASELINE", "FUSED", "MODEL_ROLES", "TARGET_SFT"]

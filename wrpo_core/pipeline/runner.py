@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from wrpo_core.config import FusionConfig
-from wrpo_core.storage import ManifestError, RunLayout, Storage, digest, redact_options
+from wrpo_core.config import FusionConfig, redacted_config_data
+from wrpo_core.storage import ManifestError, RunLayout, Storage, digest
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +30,8 @@ def config_hash(cfg: FusionConfig) -> str:
 
 
 def redacted_config(cfg: FusionConfig) -> dict[str, Any]:
-    """The config as a plain dict with every secret storage option replaced by '***'."""
-    data = cfg.model_dump(mode="json")
-    data["storage"]["storage_options"] = redact_options(data["storage"]["storage_options"])
-    return data
+    """The config as a plain dict with every credential (storage options, launch env, URL passwords) masked."""
+    return redacted_config_data(cfg)
 
 
 def load_summary(layout: RunLayout, stage: str) -> dict:
@@ -73,7 +71,8 @@ class StageError(RuntimeError):
 
     def __init__(self, stage: str, model: str | None, error: BaseException):
         self.stage, self.model = stage, model
-        self.permanent = isinstance(error, PERMANENT_ERRORS)
+        # A StorageError says itself whether a retry can help (a full disk cannot; a dropped connection can).
+        self.permanent = isinstance(error, PERMANENT_ERRORS) or getattr(error, "permanent", False) is True
         where = f"stage {stage}" + (f" (model {model})" if model else "")
         kind = "permanent" if self.permanent else "possibly transient"
         super().__init__(f"{where} failed ({kind}): {type(error).__name__}: {error}")

@@ -28,8 +28,8 @@ from transformers import (
 )
 
 from wrpo_core.config import SamplingConfig
-from wrpo_core.sampling.common import SampleRows, SamplingReport, encode_prompts, sample_seed
-from wrpo_core.tokenization import stop_token_ids
+from wrpo_core.sampling.common import SampleRows, SamplingReport, encode_prompts, response_budget, sample_seed
+from wrpo_core.tokenization import PositionLimit, model_max_positions, stop_token_ids
 
 
 class PerRowSampling(LogitsProcessor):
@@ -76,9 +76,11 @@ class HFSampler:
         """SAMPLES rows for every (prompt, sample index); empty prompts are skipped and counted."""
         report = SamplingReport()
         start = time.perf_counter()
+        limit = model_max_positions(self.model.config, self.tokenizer)
         encoded = encode_prompts(
-            self.tokenizer, prompt_ids, prompts, max_prompt_tokens=self.max_prompt_tokens, report=report
-        )
+            self.tokenizer, prompt_ids, prompts, max_prompt_tokens=self.max_prompt_tokens, report=report,
+            limit=limit, max_new_tokens=self.sampling.max_new_tokens, model_name=self.model_name,
+        )  # fmt: skip
         rows = SampleRows(self.model_name, report)
         stops = stop_token_ids(self.tokenizer, self.model.generation_config)
         n = self.sampling.n
@@ -90,14 +92,20 @@ class HFSampler:
         )
         for first in range(0, len(encoded), self.batch_size):
             chunk = [(pid, ids, k) for pid, ids in encoded[first : first + self.batch_size] for k in range(n)]
-            self._generate(chunk, rows, stops)
+            self._generate(chunk, rows, stops, limit)
             bar.update(len(chunk))
             bar.set_postfix(samples_per_s=f"{bar.n / max(time.perf_counter() - start, 1e-9):.1f}")
         bar.close()
         report.seconds = time.perf_counter() - start
         return rows.table(), report
 
-    def _generate(self, rows: list[tuple[str, list[int], int]], sink: SampleRows, stops: list[int]) -> None:
+    def _generate(
+        self,
+        rows: list[tuple[str, list[int], int]],
+        sink: SampleRows,
+        stops: list[int],
+        limit: PositionLimit | None,
+    ) -> None:
         device = self.model.device
         pad = (
             self.tokenizer.pad_token_id
@@ -114,7 +122,8 @@ class HFSampler:
         generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
         config = GenerationConfig(
             do_sample=False,
-            max_new_tokens=self.sampling.max_new_tokens,
+            # Left-padded: the longest prompt of the batch decides what the model still holds.
+            max_new_tokens=response_budget(limit, width, self.sampling.max_new_tokens),
             pad_token_id=pad,
             eos_token_id=stops,
             num_beams=1,

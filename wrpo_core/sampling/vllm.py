@@ -22,8 +22,15 @@ import pyarrow as pa
 from transformers import PreTrainedTokenizerBase
 
 from wrpo_core.config import ModelSpec
-from wrpo_core.sampling.common import SampleRows, SamplingReport, encode_prompts, sample_seed
-from wrpo_core.tokenization import stop_token_ids
+from wrpo_core.sampling.common import SampleRows, SamplingReport, encode_prompts, response_budget, sample_seed
+from wrpo_core.tokenization import PositionLimit, stop_token_ids
+
+
+def engine_max_positions(engine: Any) -> PositionLimit | None:
+    """The positions a vLLM engine holds (its `max_model_len`), or None when the engine does not say."""
+    config = getattr(getattr(engine, "llm_engine", None), "model_config", None)
+    length = getattr(config, "max_model_len", None)
+    return None if length is None else PositionLimit(int(length), "max_model_len of the vLLM engine")
 
 
 def build_engine(
@@ -68,9 +75,11 @@ class VLLMSampler:
 
         report = SamplingReport()
         start = time.perf_counter()
+        limit = engine_max_positions(self.engine)
         encoded = encode_prompts(
-            self.tokenizer, prompt_ids, prompts, max_prompt_tokens=self.max_prompt_tokens, report=report
-        )
+            self.tokenizer, prompt_ids, prompts, max_prompt_tokens=self.max_prompt_tokens, report=report,
+            limit=limit, max_new_tokens=self.spec.sampling.max_new_tokens, model_name=self.spec.name,
+        )  # fmt: skip
         s = self.spec.sampling
         stops = stop_token_ids(self.tokenizer, self.generation_config)
         requests = [(pid, ids, k) for pid, ids in encoded for k in range(s.n)]
@@ -80,12 +89,12 @@ class VLLMSampler:
                 n=1,
                 temperature=s.temperature,
                 top_p=s.top_p,
-                max_tokens=s.max_new_tokens,
+                max_tokens=response_budget(limit, len(ids), s.max_new_tokens),
                 seed=seed,
                 stop_token_ids=stops,
                 skip_special_tokens=True,
             )
-            for seed in seeds
+            for seed, (_, ids, _) in zip(seeds, requests, strict=True)
         ]
         outputs = self.engine.generate(
             [{"prompt_token_ids": ids} for _, ids, _ in requests], params, use_tqdm=self.progress

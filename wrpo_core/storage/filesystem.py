@@ -12,10 +12,13 @@ options as configured, so no resolved credential travels with the work.
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import io
 import json
 import os
+import shutil
+import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -48,11 +51,62 @@ _UNREACHABLE = {
     "TimeoutError",
 }
 _DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "403"}
+_BUSY_CODES = {
+    "InternalError",
+    "SlowDown",
+    "ServiceUnavailable",
+    "RequestTimeout",
+    "500",
+    "502",
+    "503",
+    "504",
+}
+"""S3 answers that a retry can fix (the server is busy or restarting)."""
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 
 
 def _is_storage_failure(exc: BaseException) -> bool:
     names = {cls.__name__ for cls in type(exc).__mro__}
     return isinstance(exc, OSError) or bool(names & (_UNREACHABLE | {"BotoCoreError", "ClientError"}))
+
+
+def storage_error(message: str, *, permanent: bool) -> StorageError:
+    """A StorageError with `permanent` set: True when no retry can help (the runner reads it)."""
+    error = StorageError(message)
+    error.permanent = permanent  # type: ignore[attr-defined]
+    return error
+
+
+def _s3_code(exc: BaseException) -> str:
+    """The S3 error code of a botocore ClientError, or of the one s3fs translated into `exc`."""
+    for candidate in (exc, exc.__cause__):
+        response = getattr(candidate, "response", None)
+        if isinstance(response, Mapping):
+            return str(response.get("Error", {}).get("Code", ""))
+    return ""
+
+
+def _user() -> str:
+    """The user this process runs as, for messages: 'name (uid N)'."""
+    uid = os.geteuid()
+    try:
+        import pwd
+
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except (ImportError, KeyError):
+        return f"uid {uid}"
+
+
+def _free_bytes(path: str) -> str:
+    """Free and total bytes of the device holding `path` (its nearest existing folder), for messages."""
+    folder = Path(path)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        usage = shutil.disk_usage(folder)
+    except OSError:
+        return "free space unknown"
+    return f"{usage.free} bytes free of {usage.total}"
 
 
 # --- storage ------------------------------------------------------------------------------------
@@ -110,8 +164,9 @@ class Storage:
             # A private instance: credentials may come from the environment, which fsspec's cache ignores.
             fs, root = fsspec.core.url_to_fs(url, skip_instance_cache=True, **options)
         except (ImportError, ValueError, TypeError) as exc:
-            raise StorageError(
-                f"storage {redact(url, secret_values(options))}: cannot open it: {redact(str(exc))}"
+            raise storage_error(
+                f"storage {redact(url, secret_values(options))}: cannot open it: {redact(str(exc))}",
+                permanent=True,
             ) from None
         return cls(
             url=url, fs=fs, root=root.rstrip("/") or root, options=options,
@@ -176,38 +231,74 @@ class Storage:
 
     # errors
 
-    def explain(self, exc: BaseException) -> str:
-        """One line saying what went wrong with a request, without secrets."""
+    def explain(self, exc: BaseException, key: str = "", action: str = "") -> str:
+        """One line saying what went wrong with a request on `key` (during `action`), without secrets."""
+        return self._diagnose(exc, key, action)[0]
+
+    def is_permanent(self, exc: BaseException) -> bool:
+        """Whether no retry can fix `exc`: everything but an unreachable endpoint or a busy server."""
+        return self._diagnose(exc)[1]
+
+    def _diagnose(self, exc: BaseException, key: str = "", action: str = "") -> tuple[str, bool]:
         names = {cls.__name__ for cls in type(exc).__mro__}
         detail = self.redact(f"{type(exc).__name__}: {exc}")[:300]
-        code = (
-            str((getattr(exc, "response", None) or {}).get("Error", {}).get("Code", ""))
-            if "ClientError" in names
-            else ""
-        )
+        code = _s3_code(exc)
+        number = exc.errno if isinstance(exc, OSError) else None
+        where = self.redact(str(getattr(exc, "filename", None) or self.path(key)))
         if names & {"NoCredentialsError", "PartialCredentialsError"}:
             return (
                 "no credentials found: set key/secret in storage_options, AWS_ACCESS_KEY_ID and "
                 "AWS_SECRET_ACCESS_KEY, or a Prefect block (storage option prefect_block)"
-            )
+            ), True
+        if self.is_local and number in _NO_SPACE:
+            return f"no space left on the device holding {where} ({_free_bytes(where)}) [{detail}]", True
+        if self.is_local and number == errno.EROFS:
+            return f"{where} is on a read-only file system: choose a writable storage.url [{detail}]", True
+        if self.is_local and number in (errno.EACCES, errno.EPERM):
+            kind = "readable" if action.startswith(("cannot read", "cannot download")) else "writable"
+            return (
+                f"permission denied: {where} is not {kind} by user {_user()}; fix the folder's "
+                f"permissions or choose another storage.url [{detail}]"
+            ), True
+        if self.is_local and number in (errno.ENOTDIR, errno.EEXIST):
+            blocker = self._file_in_the_way(key)
+            if blocker is not None:
+                return (
+                    f"{blocker} is a file, not a folder: storage.url and its run folders must be folders",
+                    True,
+                )
         if isinstance(exc, PermissionError) or code in _DENIED_CODES:
             return (
                 f"access denied by {self.endpoint}: the credentials are wrong or lack permission "
                 f"(check the access key and secret) [{detail}]"
-            )
+            ), True
         if "bucket does not exist" in str(exc).lower() or code == "NoSuchBucket":
             bucket = self.root.split("/", 1)[0]
-            return f"bucket {bucket!r} does not exist at {self.endpoint} (create it or fix the URL)"
+            return f"bucket {bucket!r} does not exist at {self.endpoint} (create it or fix the URL)", True
         if names & _UNREACHABLE or isinstance(exc, ConnectionError | TimeoutError):
             return (
                 f"cannot reach the endpoint {self.endpoint} (connection refused or timed out): check "
                 f"endpoint_url / AWS_ENDPOINT_URL and that the server is up [{detail}]"
-            )
-        return detail
+            ), False
+        if not self.is_local and (code in _BUSY_CODES or number == getattr(errno, "EREMOTEIO", -1)):
+            return f"the server at {self.endpoint} failed the request (busy or restarting) [{detail}]", False
+        return detail, not (names & {"BotoCoreError", "ClientError"}) and not isinstance(exc, OSError)
+
+    def _file_in_the_way(self, key: str = "") -> str | None:
+        """The local path of a file standing where a folder of `key` (or the root) must be, if any."""
+        path = Path(self.path(key))
+        for folder in (path, *path.parents):
+            if folder.exists():
+                return None if folder.is_dir() or folder == path else str(folder)
+        return None
 
     @contextmanager
     def guard(self, action: str, key: str = "") -> Iterator[None]:
-        """Turns a failing storage request into one StorageError naming the URL, without secrets."""
+        """Turns a failing storage request into one StorageError naming the URL, without secrets.
+
+        The error's `permanent` says whether a retry can help (only an unreachable endpoint or a
+        busy server can recover by itself).
+        """
         try:
             yield
         except StorageError:
@@ -215,7 +306,8 @@ class Storage:
         except Exception as exc:
             if not _is_storage_failure(exc):
                 raise
-            raise StorageError(f"{action} {self.display(key)}: {self.explain(exc)}") from None
+            message, permanent = self._diagnose(exc, key, action)
+            raise storage_error(f"{action} {self.display(key)}: {message}", permanent=permanent) from None
 
     def check(self) -> None:
         """Probes the storage once, cheaply (a few seconds at most), before a run writes anything.
@@ -224,16 +316,26 @@ class Storage:
         unreachable endpoint or a local folder that cannot be written.
         """
         if self.is_local:
+            if os.path.exists(self.root) and not os.path.isdir(self.root):
+                raise storage_error(
+                    f"storage {self.display()}: it is a file, not a folder; storage.url must name a folder",
+                    permanent=True,
+                )
             with self.guard("storage"):
                 self.fs.makedirs(self.root, exist_ok=True)
-            if not os.access(self.root, os.W_OK):
-                raise StorageError(f"storage {self.display()}: the folder is not writable")
+            probe = f".wrpo-write-probe-{uuid.uuid4().hex}"
+            with self.guard("cannot write to the storage folder", probe):  # root ignores mode bits: try it
+                with open(self.path(probe), "wb") as handle:
+                    handle.write(b"ok")
+                os.remove(self.path(probe))
             return
         bucket = self.root.split("/", 1)[0]
         if self.protocol not in S3_PROTOCOLS:
             with self.guard("storage"):
                 if not self.fs.exists(bucket):
-                    raise StorageError(f"storage {self.display()}: {bucket!r} does not exist")
+                    raise storage_error(
+                        f"storage {self.display()}: {bucket!r} does not exist", permanent=True
+                    )
             return
         # One HEAD on the bucket from a client with fewer retries (2 attempts, 3 s to connect), so a
         # dead endpoint fails in a second or two; everything capped at 10 s.
@@ -243,14 +345,16 @@ class Storage:
         try:
             fsspec.asyn.sync(probe.loop, probe._call_s3, "head_bucket", Bucket=bucket, timeout=10)
         except FileNotFoundError:
-            raise StorageError(
+            raise storage_error(
                 f"storage {self.display()}: bucket {bucket!r} does not exist at {self.endpoint} "
-                "(create it or fix the URL)"
+                "(create it or fix the URL)",
+                permanent=True,
             ) from None
         except Exception as exc:
             if not _is_storage_failure(exc):
                 raise
-            raise StorageError(f"storage {self.display()}: {self.explain(exc)}") from None
+            message, permanent = self._diagnose(exc)
+            raise storage_error(f"storage {self.display()}: {message}", permanent=permanent) from None
 
     # files
 

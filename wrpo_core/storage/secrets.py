@@ -1,8 +1,12 @@
-"""Secrets in storage options and messages: which options hold one, and redaction of any text.
+"""Credentials in storage options and messages: which options hold one, and redaction of any text.
 
-Secrets never reach logs, errors, manifests or model cards: every message the storage layer
-produces passes through `redact`, which knows the options' secret values and the secret AWS_*
-variables of the environment, and masks URL passwords and request signatures.
+Credentials never reach logs, errors, manifests or model cards: every message the storage layer
+produces passes through `redact`, which knows the options' credential values and the AWS_*
+credential variables of the environment, and masks URL passwords and request signatures.
+
+A credential is a secret (secret key, token, password, ...) or an access key id: an id alone
+cannot sign a request, but it names the account and is half of the pair, so it is treated the
+same everywhere: redacted in what is printed or written, and refused in flow parameters.
 """
 
 from __future__ import annotations
@@ -13,8 +17,14 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 REDACTED = "***"
-SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
-_SECRET_WORDS = ("secret", "token", "password", "credential", "account_key", "sas")
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+"""Environment variables holding credentials; their values are masked in every redacted text."""
+_SECRET_WORDS = (
+    "secret", "token", "password", "passphrase", "credential", "account_key", "sas", "access_key",
+    "api_key", "apikey", "private_key", "connection_string", "authorization",
+)  # fmt: skip
+_SECRET_NAMES = ("key",)
+"""Names that are credentials only as a whole word (s3fs's access key id is the option `key`)."""
 _USERINFO = re.compile(r"(\b[A-Za-z][\w+.-]*://[^/\s:@]*:)[^/\s@]+@")
 _SIGNED_QUERY = re.compile(
     r"\b(X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|Signature|sig|token)=[^&\s\"']+", re.I
@@ -22,9 +32,13 @@ _SIGNED_QUERY = re.compile(
 
 
 def is_secret_option(name: str) -> bool:
-    """Whether a storage option (or config field) of this name holds a secret."""
-    lowered = name.lower()
-    return any(word in lowered for word in _SECRET_WORDS)
+    """Whether a storage option (or environment variable) of this name holds a credential.
+
+    Secrets (secret, token, password, account_key, sas_token, connection_string, ...) and access
+    key ids (`key`, `aws_access_key_id`, `access_key`, ...) both count.
+    """
+    lowered = str(name).lower()
+    return lowered in _SECRET_NAMES or any(word in lowered for word in _SECRET_WORDS)
 
 
 def secret_values(options: Mapping[str, Any]) -> list[str]:

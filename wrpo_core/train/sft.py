@@ -23,7 +23,7 @@ from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
 from wrpo_core.config import SFTConfig, SFTJobConfig
-from wrpo_core.models import load_causal_lm, load_tokenizer
+from wrpo_core.models import load_causal_lm, load_position_limit, load_tokenizer
 from wrpo_core.schemas import BEST_SOURCE, read_parquet
 from wrpo_core.tokenization import (
     IGNORE_INDEX,
@@ -91,9 +91,12 @@ def pack_rows(examples: list[tuple[list[int], list[int]]], capacity: int) -> lis
 
 
 def tokenize_sft(
-    table: pa.Table, tokenizer: PreTrainedTokenizerBase, hp: SFTConfig
+    table: pa.Table, tokenizer: PreTrainedTokenizerBase, hp: SFTConfig, max_positions: int | None = None
 ) -> tuple[Dataset, TokenizeReport]:
-    """Tokenizes BEST_SOURCE rows into training rows: one per example, or packed (`hp.packing`)."""
+    """Tokenizes BEST_SOURCE rows into training rows: one per example, or packed (`hp.packing`).
+
+    `max_positions` (the model's) caps the configured lengths (`tokenization.fit_lengths`).
+    """
     eot = end_of_turn_id(tokenizer)
     report = TokenizeReport()
     examples = []
@@ -103,6 +106,7 @@ def tokenize_sft(
         encoded = encode_example(
             tokenizer, prompt, [response], max_length=hp.max_seq_length,
             max_prompt_length=min(hp.max_prompt_length, hp.max_seq_length - 1), eot_id=eot,
+            max_positions=max_positions,
         )  # fmt: skip
         report.add(encoded)
         examples.append(example_tokens(encoded, loss_on_prompt=hp.loss_on_prompt))
@@ -167,7 +171,12 @@ def train_sft(job: SFTJobConfig) -> dict[str, float]:
     """
     hp = job.training
     tokenizer = load_tokenizer(job.model, trust_remote_code=job.trust_remote_code, revision=job.revision)
-    dataset, report = tokenize_sft(read_parquet(job.data, BEST_SOURCE), tokenizer, hp)
+    limit = load_position_limit(
+        job.model, tokenizer, trust_remote_code=job.trust_remote_code, revision=job.revision
+    )
+    dataset, report = tokenize_sft(
+        read_parquet(job.data, BEST_SOURCE), tokenizer, hp, None if limit is None else limit.positions
+    )
     if report.rows == 0:
         raise ValueError(f"{job.data}: no SFT rows to train on")
     logger.info("SFT data: %s", report)

@@ -22,7 +22,7 @@ from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerB
 from wrpo_core.config import WRPOConfig, WRPOJobConfig
 from wrpo_core.formats import from_authors_records, read_jsonl
 from wrpo_core.logprobs import grouped_logps
-from wrpo_core.models import load_causal_lm, load_tokenizer
+from wrpo_core.models import load_causal_lm, load_position_limit, load_tokenizer
 from wrpo_core.objectives import (
     AlphaSchedule,
     authors_total_steps,
@@ -212,10 +212,23 @@ class WRPOTrainer(Trainer):
 # --- the WRPO job -----------------------------------------------------------------------------
 
 
+def _positions(job: WRPOJobConfig, tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The positions the policy (and so its reference) holds, from its config."""
+    limit = load_position_limit(job.model, tokenizer, trust_remote_code=job.trust_remote_code)
+    return None if limit is None else limit.positions
+
+
 def tokenize_quadruples(
-    table: pa.Table, tokenizer: PreTrainedTokenizerBase, hp: WRPOConfig, reference: np.ndarray | None = None
+    table: pa.Table,
+    tokenizer: PreTrainedTokenizerBase,
+    hp: WRPOConfig,
+    reference: np.ndarray | None = None,
+    max_positions: int | None = None,
 ) -> tuple[Dataset, TokenizeReport]:
-    """Tokenizes QUADRUPLES rows into examples with responses [y_ws, y_wt, y_l] (and ref_logps)."""
+    """Tokenizes QUADRUPLES rows into examples with responses [y_ws, y_wt, y_l] (and ref_logps).
+
+    `max_positions` (the model's) caps the configured lengths (`tokenization.fit_lengths`).
+    """
     eot = end_of_turn_id(tokenizer)
     report = TokenizeReport()
     rows = []
@@ -223,7 +236,7 @@ def tokenize_quadruples(
     for i, (prompt, y_ws, y_wt, y_l) in enumerate(zip(*columns, strict=True)):
         encoded = encode_example(
             tokenizer, prompt, [y_ws, y_wt, y_l], max_length=hp.max_length,
-            max_prompt_length=hp.max_prompt_length, eot_id=eot,
+            max_prompt_length=hp.max_prompt_length, eot_id=eot, max_positions=max_positions,
         )  # fmt: skip
         report.add(encoded)
         row = {"prompt_ids": encoded.prompt_ids, "response_ids": encoded.response_ids}
@@ -269,7 +282,7 @@ def prepare_reference(
     cached = cached_reference(cache, settings, rows=table.num_rows)
     if cached is not None:
         return cached
-    dataset, _ = tokenize_quadruples(table, tokenizer, hp)
+    dataset, _ = tokenize_quadruples(table, tokenizer, hp, max_positions=_positions(job, tokenizer))
     model = load_causal_lm(reference_path, trust_remote_code=job.trust_remote_code, dtype=dtype)
     if torch.cuda.is_available():
         model = model.to("cuda")
@@ -322,7 +335,7 @@ def train_wrpo(job: WRPOJobConfig) -> dict[str, float]:
     if table.num_rows == 0:
         raise ValueError(f"{job.data}: no quadruples to train on")
     reference = prepare_reference(job, table, tokenizer)
-    dataset, report = tokenize_quadruples(table, tokenizer, hp, reference)
+    dataset, report = tokenize_quadruples(table, tokenizer, hp, reference, _positions(job, tokenizer))
     logger.info("WRPO data: %s", report)
     ref_model = None
     if reference is None and hp.loss_type != "simpo":

@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from toy_quadruples import WORDS, quadruples_table
 from transformers import AutoModelForCausalLM
 
 from wrpo_core.cli import main
@@ -36,7 +37,6 @@ from wrpo_core.train.wrpo import train_wrpo
 ROOT = Path(__file__).resolve().parents[1]
 ZERO3 = str(ROOT / "infra" / "deepspeed" / "zero3.json")
 ZERO3_OFFLOAD = str(ROOT / "infra" / "deepspeed" / "zero3_offload.json")
-WORDS = ["abc", "dog", "tree", "house", "mouse", "pen", "lamp", "cup"]
 
 
 @pytest.fixture(autouse=True)
@@ -68,22 +68,7 @@ def data_dir(tmp_path_factory) -> Path:
         BEST_SOURCE,
     )
     write_parquet(
-        pa.table(
-            {
-                "prompt_id": [f"p{i}" for i in range(n)],
-                "prompt": prompts,
-                "y_ws": [w[::-1] for w in WORDS],
-                "y_ws_model": ["src"] * n,
-                "y_ws_score": [1.0] * n,
-                "y_wt": [w[::-1][:-1] for w in WORDS],
-                "y_wt_score": [0.8] * n,
-                "y_l": list(WORDS),
-                "y_l_score": [0.1] * n,
-                "ref_logp_ws": pa.nulls(n, pa.float64()),
-                "ref_logp_wt": pa.nulls(n, pa.float64()),
-                "ref_logp_l": pa.nulls(n, pa.float64()),
-            }
-        ),
+        quadruples_table(prompts=prompts),
         str(folder / "quadruples.parquet"),
         QUADRUPLES,
     )

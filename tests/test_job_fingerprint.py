@@ -11,10 +11,10 @@ import os
 import shutil
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 import torch
 from safetensors.torch import load_file
+from toy_quadruples import quadruples_table
 
 from wrpo_core import models
 from wrpo_core.config import LaunchConfig, WRPOConfig, WRPOJobConfig
@@ -25,28 +25,10 @@ from wrpo_core.train.checkpoints import FINGERPRINT_FILE, adopt_output_dir, reco
 from wrpo_core.train.jobs import claim_output_dir, job_fingerprint, train_in_process
 from wrpo_core.train.ray_train import check_ray_checkpoint, ray_run_name
 
-WORDS = ["abc", "dog", "tree", "house", "mouse", "pen", "lamp", "cup"]
-
 
 @pytest.fixture()
 def quadruples(tmp_path) -> str:
-    n = len(WORDS)
-    table = pa.table(
-        {
-            "prompt_id": [f"p{i}" for i in range(n)],
-            "prompt": [f"reverse: {w}" for w in WORDS],
-            "y_ws": [w[::-1] for w in WORDS],
-            "y_ws_model": ["src"] * n,
-            "y_ws_score": [1.0] * n,
-            "y_wt": [w[::-1][:-1] for w in WORDS],
-            "y_wt_score": [0.8] * n,
-            "y_l": list(WORDS),
-            "y_l_score": [0.1] * n,
-            "ref_logp_ws": pa.nulls(n, pa.float64()),
-            "ref_logp_wt": pa.nulls(n, pa.float64()),
-            "ref_logp_l": pa.nulls(n, pa.float64()),
-        }
-    )
+    table = quadruples_table()
     url = str(tmp_path / "quadruples.parquet")
     write_parquet(table, url, QUADRUPLES)
     return url

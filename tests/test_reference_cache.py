@@ -10,6 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from toy_quadruples import WORDS as TOY_WORDS
+from toy_quadruples import quadruples_table
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import wrpo_core.train.wrpo as wrpo_module
@@ -23,27 +25,11 @@ from wrpo_core.toy.tiny_models import build_tiny_llama, save_tiny_model
 from wrpo_core.toy.tokenizer import build_char_tokenizer
 from wrpo_core.train.wrpo import prepare_reference
 
-WORDS = ["abc", "dog", "tree", "house", "mouse", "pen"]
+WORDS = TOY_WORDS[:6]
 
 
 def quadruples(y_wt: list[str] | None = None) -> pa.Table:
-    n = len(WORDS)
-    return pa.table(
-        {
-            "prompt_id": [f"p{i}" for i in range(n)],
-            "prompt": [f"reverse: {w}" for w in WORDS],
-            "y_ws": [w[::-1] for w in WORDS],
-            "y_ws_model": ["src"] * n,
-            "y_ws_score": [1.0] * n,
-            "y_wt": y_wt or [w[::-1][:-1] for w in WORDS],
-            "y_wt_score": [0.8] * n,
-            "y_l": list(WORDS),
-            "y_l_score": [0.1] * n,
-            "ref_logp_ws": pa.nulls(n, pa.float64()),
-            "ref_logp_wt": pa.nulls(n, pa.float64()),
-            "ref_logp_l": pa.nulls(n, pa.float64()),
-        }
-    )
+    return quadruples_table(WORDS, y_wt=y_wt)
 
 
 @pytest.fixture()

@@ -7,10 +7,10 @@ import os
 from pathlib import Path
 from types import SimpleNamespace
 
-import pyarrow as pa
 import pytest
 import torch
 from safetensors.torch import load_file
+from toy_quadruples import quadruples_table
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from wrpo_core.config import WRPOConfig, WRPOJobConfig
@@ -20,29 +20,11 @@ from wrpo_core.toy.tokenizer import build_char_tokenizer
 from wrpo_core.train.common import free_port
 from wrpo_core.train.wrpo import WRPOTrainer, build_wrpo_trainer, disable_dropout, train_wrpo
 
-WORDS = ["abc", "dog", "tree", "house", "mouse", "pen", "lamp", "cup"]
-
 
 @pytest.fixture(scope="module")
 def quadruples(tmp_path_factory) -> str:
     """Eight toy quadruples without reference log-probs (the job computes them)."""
-    n = len(WORDS)
-    table = pa.table(
-        {
-            "prompt_id": [f"p{i}" for i in range(n)],
-            "prompt": [f"reverse: {w}" for w in WORDS],
-            "y_ws": [w[::-1] for w in WORDS],
-            "y_ws_model": ["src"] * n,
-            "y_ws_score": [1.0] * n,
-            "y_wt": [w[::-1][:-1] for w in WORDS],
-            "y_wt_score": [0.8] * n,
-            "y_l": list(WORDS),
-            "y_l_score": [0.1] * n,
-            "ref_logp_ws": pa.nulls(n, pa.float64()),
-            "ref_logp_wt": pa.nulls(n, pa.float64()),
-            "ref_logp_l": pa.nulls(n, pa.float64()),
-        }
-    )
+    table = quadruples_table()
     url = str(tmp_path_factory.mktemp("data") / "quadruples.parquet")
     write_parquet(table, url, QUADRUPLES)
     return url

@@ -239,3 +239,42 @@ def test_format_accuracy_table() -> None:
         "| a | 100 | 25 |",
         "| b | - | 50 |",
     ]
+
+
+# --- the shipped demo world -------------------------------------------------------------------
+
+
+def test_the_demo_world_ships_with_the_package_for_the_demos_config():
+    """The shipped world is the one the demo's config names: change the config, re-ship the world."""
+    shipped = world_module.PREBUILT / f"world-{WorldConfig().cache_key()}"
+    assert shipped.is_dir(), "rebuild and ship: python -m wrpo_core.toy.world, then copy it (see README)"
+    assert world_module.verify_shipped_world(shipped) is None
+    manifest = json.loads((shipped / MANIFEST).read_text())
+    assert WorldConfig.model_validate(manifest["config"]).cache_key() == WorldConfig().cache_key()
+
+
+def test_a_fresh_cache_gets_the_shipped_world_without_training(tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("trained although the world ships with the package")
+
+    monkeypatch.setattr(world_module, "_build_into", fail)
+    world = build_world(WorldConfig(), tmp_path)
+    shipped = world_module.PREBUILT / f"world-{WorldConfig().cache_key()}"
+    for name in ("src-reverse", "src-upper", "src-sort"):
+        copied = Path(world.sources[name]) / "model.safetensors"
+        assert copied.read_bytes() == (shipped / "sources" / name / "model.safetensors").read_bytes()
+    assert Path(world.root).parent == tmp_path and world.accuracy
+
+
+def test_a_shipped_world_that_does_not_match_its_sums_is_not_used(tmp_path, monkeypatch, caplog):
+    shipped = tmp_path / "prebuilt" / f"world-{WorldConfig.smallest().cache_key()}"
+    (shipped / "target").mkdir(parents=True)
+    (shipped / "target" / "model.safetensors").write_bytes(b"version https://git-lfs.github.com/spec/v1\n")
+    (shipped / "SHA256SUMS").write_text("0" * 64 + "  ./target/model.safetensors\n")
+    assert world_module.verify_shipped_world(shipped) == "target/model.safetensors does not match its sha256"
+    monkeypatch.setattr(world_module, "PREBUILT", tmp_path / "prebuilt")
+    built = []
+    real_build = world_module._build_into
+    monkeypatch.setattr(world_module, "_build_into", lambda *a, **k: built.append(1) or real_build(*a, **k))
+    build_world(WorldConfig.smallest(), tmp_path / "cache", progress=False)
+    assert built == [1] and "the shipped copy is not used" in caplog.text

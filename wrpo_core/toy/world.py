@@ -50,7 +50,9 @@ tokenized pools), `world_eval` (greedy responses, exact evaluation, accuracy tab
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -115,13 +117,22 @@ class World:
         return format_accuracy_table(self.accuracy)
 
 
+logger = logging.getLogger(__name__)
+
+PREBUILT = Path(__file__).resolve().parent / "prebuilt"
+"""Worlds shipped with the package (the demo's), one folder per cache key with a SHA256SUMS file."""
+
+
 def build_world(config: WorldConfig, cache_dir: str | os.PathLike[str], *, progress: bool = True) -> World:
     """Build (or load from `cache_dir`) the toy world of `config`: trained sources and target.
 
     The world lives in `cache_dir/world-<config.cache_key()>`; if that folder holds a manifest the
-    world is returned from it without training. Otherwise every model is trained into a temporary
-    folder beside it, evaluated on the held-out prompts, and the folder is renamed into place
-    (when another process finished first, its world is kept and this one discarded).
+    world is returned from it without training. Else a world shipped with the package for this
+    key (`PREBUILT`, checked against its SHA256SUMS) is copied there, so every machine runs the
+    demo on the same models; a copy that does not match its sums is reported and not used.
+    Otherwise every model is trained into a temporary folder beside it, evaluated on the held-out
+    prompts, and the folder is renamed into place (when another process finished first, its
+    world is kept and this one discarded).
     """
     cache = Path(cache_dir).expanduser()
     root = cache / f"world-{config.cache_key()}"
@@ -131,7 +142,16 @@ def build_world(config: WorldConfig, cache_dir: str | os.PathLike[str], *, progr
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{root.name}-", dir=cache))
     try:
-        _build_into(config, tmp, progress=progress)
+        shipped = PREBUILT / root.name
+        problem = verify_shipped_world(shipped) if shipped.is_dir() else "none shipped"
+        if problem is None:
+            shutil.copytree(shipped, tmp, dirs_exist_ok=True)
+        else:
+            if shipped.is_dir():
+                logger.warning(
+                    "toy world %s: the shipped copy is not used (%s); building it", root.name, problem
+                )
+            _build_into(config, tmp, progress=progress)
         try:
             os.rename(tmp, root)
         except OSError:
@@ -142,6 +162,27 @@ def build_world(config: WorldConfig, cache_dir: str | os.PathLike[str], *, progr
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return _load_world(root)
+
+
+def verify_shipped_world(folder: Path) -> str | None:
+    """What is wrong with a shipped world's files against its SHA256SUMS (a missing, extra or changed
+    file, e.g. a Git LFS pointer instead of the weights), or None when every file matches."""
+    sums_file = folder / "SHA256SUMS"
+    if not sums_file.is_file():
+        return "no SHA256SUMS"
+    expected = {}
+    for line in sums_file.read_text().splitlines():
+        digest, _, name = line.strip().partition("  ")
+        expected[name.removeprefix("./")] = digest
+    present = {
+        str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != "SHA256SUMS"
+    }
+    if present != set(expected):
+        return f"files differ from SHA256SUMS: {sorted(present ^ set(expected))[:5]}"
+    for name, digest in sorted(expected.items()):
+        if hashlib.sha256((folder / name).read_bytes()).hexdigest() != digest:
+            return f"{name} does not match its sha256"
+    return None
 
 
 def _build_into(config: WorldConfig, folder: Path, *, progress: bool) -> None:

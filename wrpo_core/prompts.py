@@ -131,9 +131,12 @@ def _iter_rows(
         report.sources.append(path)
         with open_input(path, "prompt file") as handle:
             raw = handle.read()
-        for number, line in enumerate(raw.split(b"\n"), start=1):
-            decode_line(line, url=path, line=number)  # names the first line that is not UTF-8
-        text = raw.decode("utf-8")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:  # name the line (and byte) that is not UTF-8
+            number = raw.count(b"\n", 0, exc.start) + 1
+            decode_line(raw.split(b"\n")[number - 1], url=path, line=number)
+            raise
         try:
             data = json.loads(text.removeprefix("\ufeff"))
         except json.JSONDecodeError as exc:

@@ -135,9 +135,9 @@ def _drop_length_stopped(
 
     `drop`: True = every model's, False = none, a collection of model names = those models'.
     """
-    stopped = pc.equal(samples.column("finish_reason").take(joined.column("_row")), "length")
+    stopped = _length_stopped(samples, joined.column("_row"))
     if isinstance(drop, bool):
-        dropped = stopped if drop else pc.and_(stopped, False)
+        dropped = stopped if drop else pa.array([False] * len(stopped))
     else:
         models = pa.array(sorted(drop), pa.string())
         dropped = pc.and_(stopped, pc.is_in(joined.column("model"), value_set=models))
@@ -146,9 +146,14 @@ def _drop_length_stopped(
     return joined.filter(pc.invert(dropped))
 
 
+def _length_stopped(samples: pa.Table, rows: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray:
+    """For each sample at `rows`: whether the length limit cut it (finish_reason 'length')."""
+    return pc.equal(samples.column("finish_reason").take(rows), "length")
+
+
 def _count_length_stopped(samples: pa.Table, rows: pa.ChunkedArray | pa.Array) -> int:
     """How many of the samples at `rows` were cut by the length limit."""
-    return pc.sum(pc.equal(samples.column("finish_reason").take(rows), "length")).as_py() or 0
+    return pc.sum(_length_stopped(samples, rows)).as_py() or 0
 
 
 def _groups(prompt_ids: list[str]) -> list[tuple[str, int, int]]:

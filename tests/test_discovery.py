@@ -138,6 +138,12 @@ def test_tensor_parallel_size_is_the_smallest_power_of_two_that_fits_and_divides
 # --- against the local hub ---------------------------------------------------------------------------
 
 
+NO_REPLY_TEMPLATE = (
+    b"{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}{% endfor %}"
+    b"{% if add_generation_prompt %}A:{% endif %}"
+)
+
+
 def publish_candidates(server: FakeHub, tiny: str, big: str) -> dict[str, str]:
     """One model per outcome; returns repo id -> commit sha."""
     remote = json.loads((Path(tiny) / "config.json").read_text())
@@ -155,6 +161,8 @@ def publish_candidates(server: FakeHub, tiny: str, big: str) -> dict[str, str]:
         "org/tiny-fresh": {"at": NOW - dt.timedelta(hours=3)},
         "org/tiny-unknown-arch": {"files": {"config.json": b'{"model_type": "no-such-architecture"}'}},
         "org/tiny-no-template": {"without": ("chat_template.jinja",)},
+        # Renders a prompt, but never writes the assistant's reply: no end-of-turn token to find.
+        "org/tiny-no-reply": {"files": {"chat_template.jinja": NO_REPLY_TEMPLATE}},
         "org/tiny-remote": {"files": {"config.json": json.dumps(remote).encode()}},
         "org/tiny-no-weights": {"without": ("model.safetensors",)},
         "org/tiny-untagged": {"tags": ["license:mit"]},  # the hub's tag filter never lists it
@@ -208,6 +216,7 @@ def test_a_new_model_is_checked_and_registered_with_its_revision_and_the_others_
         "org/tiny-fresh": "revision is 0.1 days old, younger than 1",
         "org/tiny-unknown-arch": "config does not load",
         "org/tiny-no-template": "no chat template",
+        "org/tiny-no-reply": "does not write the assistant message's content",
         "org/tiny-remote": "needs its repository's code (auto_map",
         "org/tiny-no-weights": "no weights",
     }
@@ -218,7 +227,7 @@ def test_a_new_model_is_checked_and_registered_with_its_revision_and_the_others_
     assert {r["revision"] for r in report["rejected"]} <= set(shas.values())
     markdown = discovery.report_markdown(report)
     assert "| org--tiny-chat | `org/tiny-chat` |" in markdown and "no chat template" in markdown
-    assert "## Rejected: 10" in markdown
+    assert "## Rejected: 11" in markdown
 
     # A rerun with nothing new registers nothing.
     again = discovery.discover_sources(fusion_config, watch, storage, now=NOW).to_dict()

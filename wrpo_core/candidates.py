@@ -38,9 +38,6 @@ TOKENIZER_FILES = re.compile(
 """The files a tokenizer and its chat template may need (downloaded with config.json, never the weights)."""
 WEIGHT_FILES = re.compile(r"^(model.*\.safetensors|pytorch_model.*\.bin)$")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-PROBE_CONVERSATION = [{"role": "user", "content": "Hello"}]
-
-
 class Rejected(Exception):
     """A hub model that may not become a source; the message is the reason shown to operators."""
 
@@ -151,6 +148,7 @@ def _is_causal_lm(config, raw: dict) -> bool:
 
 def _check_tokenizer(folder: Path, remote_code: bool) -> None:
     from wrpo_core.models import load_tokenizer
+    from wrpo_core.tokenization import end_of_turn_id, prompt_text
 
     try:
         tokenizer = load_tokenizer(str(folder), trust_remote_code=remote_code)
@@ -159,11 +157,15 @@ def _check_tokenizer(folder: Path, remote_code: bool) -> None:
     if not tokenizer.chat_template:
         raise Rejected("no chat template (sources answer prompts as chat turns)")
     try:
-        tokenizer.apply_chat_template(PROBE_CONVERSATION, tokenize=False, add_generation_prompt=True)
+        prompt_text(tokenizer, "Hello")  # what sampling sends
     except Exception as error:
         raise Rejected(
             f"chat template does not render a user turn: {type(error).__name__}: {error}"
         ) from error
+    try:
+        end_of_turn_id(tokenizer)  # what sampling stops on and training appends to every response
+    except ValueError as error:
+        raise Rejected(f"chat template: {error}") from error
 
 
 def _meta_parameter_counts(config, remote_code: bool) -> dict[str, int]:

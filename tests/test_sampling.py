@@ -167,3 +167,35 @@ def test_vllm_sampler_stops_on_every_end_token_of_the_generation_config(toy_toke
     assert engine.params[0].stop_token_ids == [toy_tokenizer.eos_token_id, other]
     assert engine.params[0].max_tokens == 4096
     assert table["text"].to_pylist() == ["ok"] and table["completion_tokens"].to_pylist() == [3]
+
+
+def test_vllm_requests_fit_the_engines_max_model_len(toy_tokenizer, monkeypatch):
+    """A real engine says how long a sequence may be (model_config.max_model_len): long prompts are
+    cut to half of it with the 4096 default, and each request's max_tokens is what its prompt leaves."""
+    import sys
+    import types
+
+    from wrpo_core.config import ModelSpec
+    from wrpo_core.sampling.vllm import VLLMSampler
+
+    fake = types.ModuleType("vllm")
+    fake.SamplingParams = lambda **kwargs: types.SimpleNamespace(**kwargs)
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    chars = toy_tokenizer("ok", add_special_tokens=False)["input_ids"]
+
+    class Engine:
+        llm_engine = types.SimpleNamespace(model_config=types.SimpleNamespace(max_model_len=128))
+
+        def generate(self, prompts, params, use_tqdm):
+            self.prompts, self.params = prompts, params
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(
+                text="ok", token_ids=chars, finish_reason="length")]) for _ in prompts]  # fmt: skip
+
+    engine = Engine()
+    spec = ModelSpec(path="org/m", name="m", backend="vllm", sampling={"n": 1})  # max_new_tokens 4096
+    _, report = VLLMSampler(engine, toy_tokenizer, spec, progress=False).sample(
+        ["long", "short"], ["reverse: " + "abcdefgh" * 40, "upper: hi"]
+    )
+    lengths = [len(p["prompt_token_ids"]) for p in engine.prompts]
+    assert max(lengths) == 64 and report.prompts_truncated == 1  # half of 128 kept for the response
+    assert [p.max_tokens for p in engine.params] == [128 - n for n in lengths]

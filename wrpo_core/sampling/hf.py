@@ -8,7 +8,10 @@ floating-point effects of padding). Prompts are chat-templated once (BOS comes o
 the template), sorted by length, left-padded, and each prompt's n samples share a batch.
 A sample ends at the first of the model's end tokens (`tokenization.stop_token_ids`: the chat
 template's end-of-turn token and every eos id of the model's generation config); the end token
-is counted in `completion_tokens` but not written to the text.
+is counted in `completion_tokens` but not written to the text. One exception to "whatever else
+was in its batch": when max_new_tokens exceeds what the model holds after the batch's longest
+(left-padded) prompt, the whole batch stops there, so a short prompt's cut point depends on its
+neighbours (vLLM budgets each request by its own prompt).
 """
 
 from __future__ import annotations

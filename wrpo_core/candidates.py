@@ -38,6 +38,8 @@ TOKENIZER_FILES = re.compile(
 """The files a tokenizer and its chat template may need (downloaded with config.json, never the weights)."""
 WEIGHT_FILES = re.compile(r"^(model.*\.safetensors|pytorch_model.*\.bin)$")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
 class Rejected(Exception):
     """A hub model that may not become a source; the message is the reason shown to operators."""
 

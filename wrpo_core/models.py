@@ -147,3 +147,21 @@ def load_position_limit(
         resolve_location(path), trust_remote_code=trust_remote_code, revision=revision
     )
     return model_max_positions(config, tokenizer)
+
+
+def loaded_dtype(
+    path: str, requested: torch.dtype | str, *, trust_remote_code: bool = False, revision: str | None = None
+) -> torch.dtype | str:
+    """The dtype `load_causal_lm(path, dtype=requested)` gives the weights: "auto" is the stored one.
+
+    So that what a result depends on is named the same whichever way it was asked for (an fp32
+    checkpoint loaded "auto" is float32). Only the config is read; "auto" stays when it names none.
+    """
+    if requested != "auto":
+        return requested
+    config = AutoConfig.from_pretrained(
+        resolve_location(path), trust_remote_code=trust_remote_code, revision=revision
+    )
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    stored = getattr(torch, stored, None) if isinstance(stored, str) else stored
+    return stored if isinstance(stored, torch.dtype) else "auto"

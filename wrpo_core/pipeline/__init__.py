@@ -29,7 +29,6 @@ from wrpo_core.pipeline.runner import (
     StageError,
     config_hash,
     load_summary,
-    run_stage,
     run_stage_outcome,
 )
 from wrpo_core.pipeline.training import TrainingHooks
@@ -50,6 +49,5 @@ __all__ = [
     "pipeline_stages",
     "run_pipeline",
     "run_pipeline_stage",
-    "run_stage",
     "run_stage_outcome",
 ]

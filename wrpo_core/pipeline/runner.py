@@ -138,14 +138,6 @@ def run_stage_outcome(
     return "ran", manifest["summary"]
 
 
-def run_stage(layout: RunLayout, name: str, run: Callable[[], dict], **options: Any) -> dict:
-    """Runs one stage unless it is done with unchanged settings and inputs; returns its summary.
-
-    See `run_stage_outcome` for the options; the manifest is written last.
-    """
-    return run_stage_outcome(layout, name, run, **options)[1]
-
-
 def reuse_stage(layout: RunLayout, other: RunLayout, name: str, key_digest: str | None) -> dict | None:
     """Copies stage `name` from another run when it is complete there with the same key and inputs.
 
@@ -199,7 +191,7 @@ def sibling_runs(cfg: FusionConfig, layout: RunLayout) -> list[RunLayout]:
         found = base.fs.glob(base.path("*/manifests/*.json"))
     runs = sorted({path.rstrip("/")[len(base.root) + 1 :].split("/")[0] for path in found})
     return [
-        RunLayout(base.url_of(run), storage=base.open_other(base.url_of(run)), cache_dir=layout.cache_dir)
+        RunLayout(base.url_of(run), storage=base.child(run), cache_dir=layout.cache_dir)
         for run in runs
         if f"{base.root}/{run}" != layout.storage.root
     ]

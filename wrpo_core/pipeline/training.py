@@ -57,7 +57,7 @@ def train_job(stage: Stage, job: JobConfig, hooks: TrainingHooks = NO_HOOKS) -> 
             return train_in_process(stage, job)
         claim_output_dir(stage, job)  # a changed job clears its old outputs before the tail starts
         with follow_metrics(folder, hooks.on_metrics):
-            return train_in_process(stage, job)
+            return train_in_process(stage, job, claimed=True)
     result = launch_job(stage, job, on_log=hooks.on_log, on_metrics=hooks.on_metrics)
     if result.model_uri and result.model_uri != job.output_dir:  # a Ray job stored it elsewhere: this one
         _fetch_model(result.model_uri, folder)

@@ -235,10 +235,6 @@ class Storage:
         """One line saying what went wrong with a request on `key` (during `action`), without secrets."""
         return self._diagnose(exc, key, action)[0]
 
-    def is_permanent(self, exc: BaseException) -> bool:
-        """Whether no retry can fix `exc`: everything but an unreachable endpoint or a busy server."""
-        return self._diagnose(exc)[1]
-
     def _diagnose(self, exc: BaseException, key: str = "", action: str = "") -> tuple[str, bool]:
         names = {cls.__name__ for cls in type(exc).__mro__}
         detail = self.redact(f"{type(exc).__name__}: {exc}")[:300]

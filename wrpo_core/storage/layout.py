@@ -373,9 +373,10 @@ class RunLayout:
             and not any(fnmatch.fnmatch(path.relative_to(folder).parts[0], pattern) for pattern in exclude)
         )
         key = self.model_key(name)
+        sizes = {f: (folder / f).stat().st_size for f in files}
         entry = {
-            "files": [{"key": f"{key}/{f}", "bytes": (folder / f).stat().st_size} for f in files],
-            "bytes": sum((folder / f).stat().st_size for f in files),
+            "files": [{"key": f"{key}/{f}", "bytes": sizes[f]} for f in files],
+            "bytes": sum(sizes.values()),
             # Weights of a retrained model keep their sizes: a fresh id makes its readers stale.
             "saved_id": uuid.uuid4().hex,
         }

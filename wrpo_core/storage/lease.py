@@ -178,7 +178,7 @@ def write_if(storage: Storage, key: str, data: bytes, expected: str | None) -> s
                 if _is_precondition(exc):
                     raise changed from None
                 raise
-    current, tag = read_tagged(storage, key)
+    _, tag = read_tagged(storage, key)
     if tag != expected:
         raise changed
     storage.write_bytes(key, data)

@@ -14,7 +14,6 @@ afresh instead of resuming another job's checkpoints.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -28,7 +27,7 @@ from wrpo_core.config import ConfigError, LaunchConfig, SFTJobConfig, WRPOJobCon
 from wrpo_core.config.training import gradient_accumulation
 from wrpo_core.locations import resolve_location
 from wrpo_core.models import model_identity
-from wrpo_core.storage.provenance import file_sha256
+from wrpo_core.storage.provenance import digest, file_sha256
 from wrpo_core.train.checkpoints import SAVE_ON_EACH_NODE_ENV, adopt_output_dir
 
 if TYPE_CHECKING:
@@ -145,11 +144,11 @@ def data_identity(url: str) -> dict[str, Any]:
         if isinstance(fs, LocalFileSystem):
             value = file_sha256(name)
         else:
-            digest = hashlib.sha256()
+            hasher = hashlib.sha256()
             with fs.open(name, "rb") as handle:
                 for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-            value = digest.hexdigest()
+                    hasher.update(block)
+            value = hasher.hexdigest()
         digests[name[len(root) :].lstrip("/")] = value
     return {"sha256": digests}
 
@@ -182,11 +181,6 @@ def job_identity(stage: Stage, job: JobConfig, world_size: int) -> dict[str, Any
     return identity
 
 
-def fingerprint_of(identity: dict[str, Any]) -> str:
-    """The fingerprint of a job identity: 16 hex digits of the sha256 of its canonical JSON."""
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def process_world_size() -> int:
     """The processes of the job this process belongs to: WORLD_SIZE (torchrun, Ray Train), else 1."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -195,7 +189,7 @@ def process_world_size() -> int:
 def job_fingerprint(stage: Stage, job: JobConfig, world_size: int | None = None) -> str:
     """The job's fingerprint (see `job_identity`); `world_size` defaults to this process's job's."""
     size = process_world_size() if world_size is None else world_size
-    return fingerprint_of(job_identity(stage, job, size))
+    return digest(job_identity(stage, job, size))
 
 
 def claim_output_dir(stage: Stage, job: JobConfig, world_size: int | None = None) -> str:
@@ -210,7 +204,7 @@ def claim_output_dir(stage: Stage, job: JobConfig, world_size: int | None = None
     """
     size = process_world_size() if world_size is None else world_size
     identity = job_identity(stage, job, size)
-    fingerprint = fingerprint_of(identity)
+    fingerprint = digest(identity)
     adopt_output_dir(job.output_dir, fingerprint, identity)
     return fingerprint
 
@@ -220,15 +214,16 @@ def is_local_main_process() -> bool:
     return os.environ.get("LOCAL_RANK", "0") == "0"
 
 
-def train_in_process(stage: Stage, job: JobConfig) -> dict[str, float]:
+def train_in_process(stage: Stage, job: JobConfig, *, claimed: bool = False) -> dict[str, float]:
     """Runs the stage's training function in this process (every rank of a launched job does this).
 
     The first process of each machine first claims output_dir for the job (`claim_output_dir`):
     a launcher has already done so, and then nothing changes; run in this process alone (or
     under a torchrun of its own), a changed job's old checkpoints are removed here. The other
-    ranks wait for it in `run_training` before they look for a checkpoint.
+    ranks wait for it in `run_training` before they look for a checkpoint. `claimed`: this
+    process has just claimed it (the identity, with its hashes and hub look-ups, is not redone).
     """
-    if is_local_main_process():
+    if is_local_main_process() and not claimed:
         claim_output_dir(stage, job)
     if stage == "sft":
         from wrpo_core.train.sft import train_sft

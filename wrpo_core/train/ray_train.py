@@ -349,7 +349,7 @@ def _ray_train_loop(config: dict[str, Any]) -> dict[str, float] | None:
             store_reference(job)
         barrier()
         with extra_callbacks(*_ray_callbacks(events, rank)):
-            summary = train_in_process(stage, job)
+            summary = train_in_process(stage, job, claimed=local_rank == 0)  # claimed above
         _report_final_model(
             job.output_dir, rank, {k: v for k, v in summary.items() if isinstance(v, int | float)}
         )

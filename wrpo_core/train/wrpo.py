@@ -22,7 +22,7 @@ from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerB
 from wrpo_core.config import WRPOConfig, WRPOJobConfig
 from wrpo_core.formats import from_authors_records, read_jsonl
 from wrpo_core.logprobs import grouped_logps
-from wrpo_core.models import load_causal_lm, load_position_limit, load_tokenizer
+from wrpo_core.models import load_causal_lm, load_position_limit, load_tokenizer, loaded_dtype
 from wrpo_core.objectives import (
     AlphaSchedule,
     authors_total_steps,
@@ -273,7 +273,8 @@ def prepare_reference(
     autocast_dtype = torch.bfloat16 if bf16 else None
     settings = reference_settings(
         reference_model=reference_path, table=table, tokenizer=tokenizer, max_length=hp.max_length,
-        max_prompt_length=hp.max_prompt_length, dtype=dtype, autocast_dtype=autocast_dtype,
+        max_prompt_length=hp.max_prompt_length, autocast_dtype=autocast_dtype,
+        dtype=loaded_dtype(reference_path, dtype, trust_remote_code=job.trust_remote_code),
     )  # fmt: skip
     stored = stored_reference(table, settings, where=job.data)
     if stored is not None:

@@ -16,6 +16,7 @@ from wrpo_core.config import WRPOConfig
 from wrpo_core.objectives import constant_alpha
 from wrpo_core.tokenization import ResponseCollator, encode_example
 from wrpo_core.toy.tiny_models import build_tiny_llama
+from wrpo_core.train.common import checkpointing_arguments
 from wrpo_core.train.wrpo import WRPOTrainer
 
 trl = pytest.importorskip("trl")
@@ -49,7 +50,7 @@ def trl_loss_and_grads(tokenizer, policy, reference, chosen_key, tmp_path):
     ]
     args = trl.DPOConfig(
         output_dir=str(tmp_path / "trl"), report_to="none", use_cpu=True, bf16=False, fp16=False,
-        activation_checkpointing=False, per_device_train_batch_size=2, beta=BETA, loss_type=["sigmoid"],
+        **checkpointing_arguments(False), per_device_train_batch_size=2, beta=BETA, loss_type=["sigmoid"],
         max_length=None, precompute_ref_log_probs=False, save_strategy="no", logging_strategy="no", seed=0,
     )  # fmt: skip
     trainer = trl.DPOTrainer(

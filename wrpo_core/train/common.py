@@ -8,6 +8,7 @@ Hugging Face format. Models and tokenizers are loaded by `wrpo_core.models`.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -133,6 +134,18 @@ def effective_accumulation(hp: _TrainingHyperparameters) -> int:
     return accumulation
 
 
+def checkpointing_arguments(enabled: bool) -> dict[str, object]:
+    """Activation checkpointing under the name the installed transformers takes.
+
+    transformers 5.23 renamed `gradient_checkpointing(_kwargs)` to `activation_checkpointing(_kwargs)`
+    (the old names are deprecated aliases there, to be removed in v6); the GPU locks' 5.20 knows only
+    the old names. Non-reentrant checkpointing: the reentrant kind breaks with ZeRO-3 and frozen inputs.
+    """
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
+
+
 def training_arguments(hp: _TrainingHyperparameters, output_dir: str) -> TrainingArguments:
     """TrainingArguments from our hyper-parameters: batch, cosine/warmup, checkpoints, logging, DeepSpeed."""
     report_to = ["tensorboard"] if importlib.util.find_spec("tensorboard") else "none"
@@ -151,8 +164,7 @@ def training_arguments(hp: _TrainingHyperparameters, output_dir: str) -> Trainin
         optim=hp.optim,
         max_grad_norm=hp.max_grad_norm,
         bf16=bf16,
-        activation_checkpointing=hp.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if hp.gradient_checkpointing else None,
+        **checkpointing_arguments(hp.gradient_checkpointing),
         seed=hp.seed,
         data_seed=hp.seed,
         logging_steps=hp.logging_steps,

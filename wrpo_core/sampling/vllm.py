@@ -41,7 +41,7 @@ def build_engine(
         from vllm import LLM
     except ImportError as error:  # pragma: no cover - depends on the environment
         raise ImportError(
-            f"model {spec.name}: backend 'vllm' needs vLLM on a CUDA machine (pip install '.[gpu]')"
+            f"model {spec.name}: backend 'vllm' needs vLLM on a CUDA machine (pip install -r requirements/gpu-sampling.txt)"
         ) from error
     return LLM(
         model=spec.path,

@@ -114,6 +114,7 @@ def test_the_fingerprint_follows_what_changes_the_result(tmp_path, quadruples, t
 
     same = [
         with_training(logging_steps=5, save_steps=7, save_total_limit=1, gradient_checkpointing=True),
+        with_training(report_to="none"),
         base.model_copy(update={"output_dir": str(tmp_path / "elsewhere")}),
     ]
     assert {job_fingerprint("wrpo", job, 1) for job in same} == {fingerprint}

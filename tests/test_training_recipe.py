@@ -1,6 +1,7 @@
 """The training recipe: bf16 checkpoints that learn in SFT, the global batch, the authors' SFT options
 (packing, loss on the prompt), and SimPO's beta."""
 
+import importlib.util
 import itertools
 import json
 import logging
@@ -265,3 +266,19 @@ def test_simpo_with_a_dpo_scale_beta_is_an_error_naming_beta_and_simpos_values()
              "reward_model": {"path": "org/rm"}, "wrpo": {"loss_type": "simpo", "beta": 0.1}},
             FusionConfig, where="run.yaml",
         )  # fmt: skip
+
+
+# --- where metrics go ----------------------------------------------------------------------------
+
+
+def test_report_to_reaches_the_trainer_and_a_missing_package_is_named(tmp_path, monkeypatch):
+    assert training_arguments(sft_hp(report_to="none"), str(tmp_path)).report_to in ("none", [], ["none"])
+    assert training_arguments(sft_hp(), str(tmp_path)).report_to == ["tensorboard"]  # the default
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None if name == "wandb" else real_find_spec(name)
+    )
+    with pytest.raises(ConfigError, match=r"report_to: 'wandb' needs the 'wandb' package.*report_to: none"):
+        training_arguments(sft_hp(report_to="wandb"), str(tmp_path))
+    with pytest.raises(ValidationError, match="report_to"):
+        sft_hp(report_to="comet")

@@ -92,6 +92,15 @@ class _TrainingHyperparameters(ConfigModel):
         Field(ge=1, description="Checkpoints kept in output_dir, oldest deleted first; None = keep all."),
     ] = 2
     deepspeed: str | None = Field(default=None, description="Path of a DeepSpeed JSON config (ZeRO-3).")
+    report_to: Literal["tensorboard", "mlflow", "wandb", "none"] = Field(
+        default="tensorboard",
+        description=(
+            "Where the Trainer also sends its metrics (besides metrics.jsonl, always written): tensorboard "
+            "(event files in output_dir/runs), mlflow (MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME from the "
+            "job's environment), wandb (WANDB_PROJECT, WANDB_API_KEY from the environment) or none. The "
+            "package must be installed where the job runs; a missing one fails the job at its start."
+        ),
+    )
 
 
 class SFTConfig(_TrainingHyperparameters):

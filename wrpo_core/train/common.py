@@ -25,7 +25,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from wrpo_core.config import _TrainingHyperparameters
+from wrpo_core.config import ConfigError, _TrainingHyperparameters
 from wrpo_core.config.training import gradient_accumulation
 from wrpo_core.train.checkpoints import SAVE_ON_EACH_NODE_ENV, checkpoint_step, last_complete_checkpoint
 from wrpo_core.train.metrics import METRICS_FILE, append_metrics_row, trim_metrics
@@ -134,6 +134,25 @@ def effective_accumulation(hp: _TrainingHyperparameters) -> int:
     return accumulation
 
 
+REPORTING_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+
+
+def reporting_integration(report_to: str) -> str:
+    """The Trainer's `report_to`, after checking that its package is installed in this process.
+
+    A missing package is a ConfigError naming it (the Trainer would fail later, or a silent fallback
+    would lose the run's curves).
+    """
+    package = REPORTING_PACKAGES.get(report_to)
+    if package is not None and importlib.util.find_spec(package) is None:
+        raise ConfigError(
+            f"report_to: {report_to!r} needs the {package!r} package, which is not installed where this job "
+            f"runs (host {socket.gethostname()}): install it there (pip install {package}) or set "
+            "report_to: none"
+        )
+    return report_to
+
+
 def checkpointing_arguments(enabled: bool) -> dict[str, object]:
     """Activation checkpointing under the name the installed transformers takes.
 
@@ -148,7 +167,7 @@ def checkpointing_arguments(enabled: bool) -> dict[str, object]:
 
 def training_arguments(hp: _TrainingHyperparameters, output_dir: str) -> TrainingArguments:
     """TrainingArguments from our hyper-parameters: batch, cosine/warmup, checkpoints, logging, DeepSpeed."""
-    report_to = ["tensorboard"] if importlib.util.find_spec("tensorboard") else "none"
+    report_to = reporting_integration(hp.report_to)
     bf16 = bf16_default() if hp.bf16 is None else hp.bf16
     configured_state = prepare_deepspeed_process(hp)
     return TrainingArguments(

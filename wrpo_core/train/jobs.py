@@ -122,10 +122,10 @@ def inside_launched_job() -> bool:
 # --- a job's identity ---------------------------------------------------------------------------
 
 RESULT_NEUTRAL_SETTINGS = frozenset(
-    {"logging_steps", "save_steps", "save_total_limit", "gradient_checkpointing", "deepspeed"}
+    {"logging_steps", "save_steps", "save_total_limit", "gradient_checkpointing", "deepspeed", "report_to"}
 )
-"""Training settings left out of the fingerprint: when to log and save, and recomputing activations,
-do not change the weights (the DeepSpeed config enters by its content, not its path)."""
+"""Training settings left out of the fingerprint: when to log and save, where metrics also go, and
+recomputing activations do not change the weights (the DeepSpeed config enters by its content, not its path)."""
 
 
 def data_identity(url: str) -> dict[str, Any]:

@@ -32,7 +32,7 @@ GPU_LOCK_PURE := transformers tokenizers huggingface-hub safetensors accelerate 
 STACK_TESTS := tests/test_trainers.py tests/test_training_recipe.py tests/test_trl_parity.py \
 	tests/test_wrpo_precision.py tests/test_deepspeed.py tests/test_objectives.py tests/test_reference_cache.py \
 	tests/test_job_fingerprint.py tests/test_tokenization.py tests/test_toy_tokenizer.py \
-	tests/test_model_families.py tests/test_sampling.py tests/test_length_stopped.py tests/test_rewards.py \
+	tests/test_model_families.py tests/test_sampling.py tests/test_length_stopped.py tests/test_rewards.py tests/test_armorm_compat.py \
 	tests/test_gpu_stack.py
 
 venv-gpu-locks: $(LOCK_VENV)/.installed

@@ -129,3 +129,13 @@ def test_lock_resolves_against_the_index_and_is_closed(lock, tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, f"{lock} does not resolve against the package index:\n{result.stderr}"
     assert lock_pins.read_pins(out) == lock_pins.read_pins(REQ / lock)
+
+
+def test_remote_code_names_the_transformers_versions_ci_runs():
+    from wrpo_core.remote_code import TESTED_TRANSFORMERS
+
+    assert set(TESTED_TRANSFORMERS) == {
+        CPU["transformers"],
+        TRAINING["transformers"],
+        SAMPLING["transformers"],
+    }

@@ -1,14 +1,17 @@
-"""Reward scoring: HF sequence classifier batched by length, toy verifier, non-finite scores."""
+"""Reward scoring: HF sequence classifier batched by length, toy verifier, non-finite scores, pad choice."""
 
+import dataclasses
 import math
 
 import pyarrow as pa
 import pytest
+import torch
 from transformers import LlamaForSequenceClassification
 
 from wrpo_core.config import RewardModelSpec
-from wrpo_core.rewards import SequenceClassifierScorer, ToyVerifierScorer, score_samples
+from wrpo_core.rewards import SequenceClassifierScorer, ToyVerifierScorer, choose_pad_id, score_samples
 from wrpo_core.schemas import DataError
+from wrpo_core.toy.families import FAMILIES, build_family_tokenizer
 from wrpo_core.toy.tiny_models import tiny_llama_config
 
 PROMPTS = ["reverse: abc", "add: 1+2", "upper: dog", "a much longer prompt " * 3]
@@ -109,3 +112,66 @@ def test_reward_model_loads_at_its_revision(classifier_dir, toy_tokenizer, tmp_p
         SequenceClassifierScorer(RewardModelSpec(path="org/rm", revision="v2"), progress=False).name
         == "org/rm@v2"
     )
+
+
+def test_pad_id_is_the_dedicated_pad_when_free_else_the_highest_free_id():
+    rows = [[5, 6, 9], [1, 9]]
+    assert choose_pad_id(rows, preferred=0, special_ids={1, 2}, size=10) == 0  # dedicated, unused
+    assert choose_pad_id(rows, preferred=2, special_ids={1, 2}, size=10) == 8  # EOS-like: another special
+    assert choose_pad_id(rows, preferred=5, special_ids={1, 2}, size=10) == 8  # occurs in a row
+    assert choose_pad_id(rows, preferred=None, special_ids=set(), size=7) == 4
+    with pytest.raises(DataError, match="use all 3 token ids"):
+        choose_pad_id([[0, 1], [2]], preferred=None, special_ids=set(), size=3)
+
+
+@pytest.fixture(scope="module")
+def eos_in_text_classifier_dir(tmp_path_factory):
+    """A Llama classifier whose tokenizer has no pad and whose EOS (<|eot_id|>) ends every chat turn."""
+    tokenizer = build_family_tokenizer(dataclasses.replace(FAMILIES["llama3"], eos_token="<|eot_id|>"))
+    config = tiny_llama_config(tokenizer)
+    config.num_labels = 1
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        model = LlamaForSequenceClassification(config)
+    path = tmp_path_factory.mktemp("rm_eos")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_batched_scores_read_the_last_real_token_when_eos_is_in_the_text(eos_in_text_classifier_dir):
+    """A standard classifier pools at the last non-pad token: with an EOS pad it skipped the closing <|eot_id|>."""
+    prompts = [f"q{i} " * (i % 7 + 1) + "<|eot_id|> more" * (i % 2) for i in range(12)]
+    responses = [f"answer {i}" * (i % 5 + 1) for i in range(12)]
+    one = SequenceClassifierScorer(
+        RewardModelSpec(path=eos_in_text_classifier_dir, batch_size=1), progress=False
+    )
+    four = SequenceClassifierScorer(
+        RewardModelSpec(path=eos_in_text_classifier_dir, batch_size=4), progress=False
+    )
+    a, b = one.score(prompts, responses), four.score(prompts, responses)
+    # Independent reference: one unpadded conversation, pad_token_id None -> the last token's logit.
+    model = four.model
+    model.config.pad_token_id = None
+    with torch.inference_mode():
+        reference = [
+            float(
+                model(
+                    input_ids=torch.tensor([four.tokenizer(t, add_special_tokens=False)["input_ids"]])
+                ).logits[0, 0]
+            )
+            for t in four._texts(prompts, responses)
+        ]
+    assert a == pytest.approx(reference, abs=1e-5) and b == pytest.approx(reference, abs=1e-5)
+    assert four.tokenizer.pad_token_id is None and four.pad_token_id != four.tokenizer.eos_token_id
+    model.config.pad_token_id = four.tokenizer.eos_token_id  # what the EOS fallback did: another token
+    with torch.inference_mode():
+        at_eos = [
+            float(
+                model(
+                    input_ids=torch.tensor([four.tokenizer(t, add_special_tokens=False)["input_ids"]])
+                ).logits[0, 0]
+            )
+            for t in four._texts(prompts, responses)
+        ]
+    assert all(abs(x - y) > 1e-4 for x, y in zip(at_eos, reference, strict=True))

@@ -26,6 +26,7 @@ from typing import Any
 import pyarrow as pa
 
 from wrpo_core.config import ComputeConfig, ModelSpec, RewardModelSpec
+from wrpo_core.failures import is_permanent
 from wrpo_core.rewards import load_scorer, score_samples
 from wrpo_core.sampling import load_sampler
 from wrpo_core.schemas import SAMPLES, SCORES
@@ -73,6 +74,19 @@ def _torch_threads(num_cpus: float) -> None:
     torch.set_num_threads(max(1, int(num_cpus)))
 
 
+def _load(load: Callable[[], Any]) -> tuple[Any, Exception | None]:
+    """A model loaded in an actor's constructor, or the error that stopped it, raised by the first call.
+
+    Ray reports a constructor's exception as a dead actor with the error's type lost, so a bad config
+    (a remote-code model that cannot import, a wrong path) looked like a node failure and was retried
+    as "possibly transient"; raised from a method, it reaches the driver with its type.
+    """
+    try:
+        return load(), None
+    except Exception as error:
+        return None, error
+
+
 class SamplingWorker:
     """Holds one model (HF or vLLM) and samples prompt shards into SAMPLES shard files."""
 
@@ -90,9 +104,13 @@ class SamplingWorker:
         self.spec = spec
         self.prompts = prompts
         self.storage = StorageAccess(*storage).open()
-        self.sampler = load_sampler(spec, device=device, batch_size=batch_size, progress=False)
+        self.sampler, self.load_error = _load(
+            lambda: load_sampler(spec, device=device, batch_size=batch_size, progress=False)
+        )
 
     def run(self, shard: Shard) -> dict[str, Any]:
+        if self.load_error is not None:
+            raise self.load_error
         rows = self.prompts.slice(shard.start, shard.stop - shard.start)
         table, report = self.sampler.sample(rows["prompt_id"].to_pylist(), rows["prompt"].to_pylist())
         file = self.storage.write_table(shard.out_key, table, SAMPLES)
@@ -117,9 +135,11 @@ class ScoringWorker:
         self.prompt_by_id = dict(
             zip(prompts["prompt_id"].to_pylist(), prompts["prompt"].to_pylist(), strict=True)
         )
-        self.scorer = load_scorer(spec, progress=False)
+        self.scorer, self.load_error = _load(lambda: load_scorer(spec, progress=False))
 
     def run(self, shard: Shard, samples_key: str) -> dict[str, Any]:
+        if self.load_error is not None:
+            raise self.load_error
         samples = self.storage.read_table(samples_key, SAMPLES)
         scores = score_samples(samples, self.prompt_by_id, self.scorer)
         file = self.storage.write_table(shard.out_key, scores, SCORES)
@@ -228,6 +248,21 @@ def actor_options(spec: ModelSpec | None, compute: ComputeConfig) -> dict[str, A
     return {"num_cpus": compute.num_cpus_per_actor, "num_gpus": gpus}
 
 
+class ShardError(RuntimeError):
+    """A shard that could not be written, naming it and its file; `permanent`: a retry cannot help."""
+
+    def __init__(self, message: str, *, permanent: bool):
+        super().__init__(message)
+        self.permanent = permanent
+
+    def __reduce__(self):
+        return (_shard_error, (str(self), self.permanent))
+
+
+def _shard_error(message: str, permanent: bool) -> ShardError:
+    return ShardError(message, permanent=permanent)
+
+
 def run_shards(
     make_actor: Callable[[], Any],
     storage: Storage,
@@ -242,8 +277,9 @@ def run_shards(
     """Runs every shard not yet written on a pool of actors; retries a dead actor's shard elsewhere.
 
     `make_actor()` creates one Ray actor handle; `call(actor, shard)` returns its ObjectRef.
-    A shard whose actor dies is retried on a fresh actor, up to `max_attempts` tries; an error
-    raised by the work itself (bad data) is not retried and fails naming the shard.
+    A shard whose actor dies, or whose work raises an error a retry may fix, is retried on a fresh
+    actor, up to `max_attempts` tries; a permanent error (bad data or config, `failures.is_permanent`)
+    fails at once. Either way a ShardError names the shard and its file and says whether it is permanent.
     """
     import ray
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
@@ -271,9 +307,10 @@ def run_shards(
         except (RayActorError, ActorDiedError, ActorUnavailableError) as error:
             if attempts[shard.index] >= max_attempts:
                 bar.close()
-                raise RuntimeError(
+                raise ShardError(
                     f"{desc}: shard {shard.index} ({storage.display(shard.out_key)}) failed on "
-                    f"{max_attempts} actors in a row (each died or became unreachable): {error}"
+                    f"{max_attempts} actors in a row (each died or became unreachable): {error}",
+                    permanent=False,
                 ) from error
             logger.warning(
                 "%s: actor died on shard %d (attempt %d); retrying on a new actor",
@@ -285,9 +322,19 @@ def run_shards(
             idle.append(make_actor())
             continue
         except Exception as error:
+            cause = getattr(error, "cause", None) or error
+            if not is_permanent(cause) and attempts[shard.index] < max_attempts:
+                logger.warning("%s: shard %d failed (attempt %d), retrying on a new actor: %s",
+                               desc, shard.index, attempts[shard.index], cause)  # fmt: skip
+                ray.kill(actor)
+                pending.insert(0, shard)
+                idle.append(make_actor())
+                continue
             bar.close()
-            raise RuntimeError(
-                f"{desc}: shard {shard.index} ({storage.display(shard.out_key)}) failed: {error}"
+            raise ShardError(
+                f"{desc}: shard {shard.index} ({storage.display(shard.out_key)}) failed: "
+                f"{type(cause).__name__}: {cause}",
+                permanent=is_permanent(cause),
             ) from error
         results[shard.index] = result
         if on_done is not None:

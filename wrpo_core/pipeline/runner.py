@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from wrpo_core.config import FusionConfig, redacted_config_data
+from wrpo_core.failures import is_permanent
 from wrpo_core.storage import ManifestError, RunLayout, Storage, digest
 
 logger = logging.getLogger(__name__)
@@ -60,11 +61,6 @@ class Stage:
 
 Outcome = Literal["ran", "skipped", "reused"]
 
-PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
-    ValueError, TypeError, LookupError, NotImplementedError, FileNotFoundError, ManifestError,
-)  # fmt: skip
-"""Errors that a retry cannot fix (bad config or data, a missing model, an unfinished input)."""
-
 
 class StageError(RuntimeError):
     """A failed stage, naming it and its model; the cause (with shard and file) is in the message."""
@@ -72,7 +68,7 @@ class StageError(RuntimeError):
     def __init__(self, stage: str, model: str | None, error: BaseException):
         self.stage, self.model = stage, model
         # A StorageError says itself whether a retry can help (a full disk cannot; a dropped connection can).
-        self.permanent = isinstance(error, PERMANENT_ERRORS) or getattr(error, "permanent", False) is True
+        self.permanent = is_permanent(error)
         where = f"stage {stage}" + (f" (model {model})" if model else "")
         kind = "permanent" if self.permanent else "possibly transient"
         super().__init__(f"{where} failed ({kind}): {type(error).__name__}: {error}")

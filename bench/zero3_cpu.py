@@ -13,10 +13,13 @@ every example), the same count every step. Step time and tokens/s are measured o
 steps, from the first to the last logged step's wall-clock stamp in metrics.jsonl (so process
 start-up, DeepSpeed initialisation and the first step are left out); `train s` is the Trainer's
 own train_runtime. The losses of every run must agree within 1e-4, else the script exits 1.
+With `--gpu` (one CUDA GPU, bf16) it runs plain x1 and zero3 x1 only, adds each run's peak GPU
+memory (NVML, see `DeviceMemoryPeak`) and allows a loss difference of 0.1 (bf16).
 
     .venv/bin/python bench/zero3_cpu.py                 # ~3 min on 2 CPU cores
     .venv/bin/python bench/zero3_cpu.py --quick         # smoke check
-    bench/gpu_zero3.sh                                   # one GPU: plain vs ZeRO-3, bf16 (--gpu)
+    .venv/bin/python bench/zero3_cpu.py --gpu           # one GPU: plain vs ZeRO-3, bf16
+    bench/gpu_check.sh                                   # the whole GPU check (this is one stage)
 """
 
 from __future__ import annotations
@@ -30,12 +33,15 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/wrpo-
 
 import argparse
 import json
+import math
 import random
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 
@@ -50,7 +56,13 @@ from wrpo_core.train.launch import launch_job
 ROOT = Path(__file__).resolve().parents[1]
 ZERO3 = str(ROOT / "infra" / "deepspeed" / "zero3.json")
 LOSS_TOLERANCE = 1e-4
+BF16_LOSS_TOLERANCE = 1e-1
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
+GIB = 2**30
+
+
+class BenchError(RuntimeError):
+    """A benchmark run that could not be measured (a failed launch, unequal examples)."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +76,76 @@ class Run:
 
 CPU_RUNS = (Run("zero3 x1", 1, True), Run("zero3 x2", 2, True), Run("plain x1", 1, False))
 GPU_RUNS = (Run("plain x1", 1, False), Run("zero3 x1", 1, True))
+
+
+class DeviceMemoryPeak:
+    """Peak memory in use on the first visible CUDA device while the block runs, above its level at entry.
+
+    Sampled every `interval_s` from NVML (`pynvml`, from nvidia-ml-py) or, without it, from
+    `nvidia-smi`; device-wide, so it covers every process of the run (torchrun workers, vLLM's
+    engine) and their CUDA contexts, and needs no CUDA in this process. `method` says which.
+    `baseline` (bytes) replaces the level at entry, for blocks measured against one start.
+    """
+
+    def __init__(self, interval_s: float = 0.05, baseline: int | None = None):
+        self.interval_s = interval_s
+        self._fixed_baseline = baseline
+        self.baseline = 0
+        self.peak = 0
+        self.method = ""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._read = self._reader()
+
+    @staticmethod
+    def _visible_device() -> str:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+        return visible or "0"
+
+    def _reader(self):
+        device = self._visible_device()
+        try:
+            import pynvml
+        except ImportError:
+            self.method = "nvidia-smi memory.used, sampled"
+            command = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", device]
+
+            def read_smi() -> int:
+                text = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+                return int(float(text.strip().splitlines()[0]) * 2**20)
+
+            self.interval_s = max(self.interval_s, 0.2)
+            return read_smi
+        pynvml.nvmlInit()
+        handle = (
+            pynvml.nvmlDeviceGetHandleByUUID(device)
+            if device.startswith(("GPU-", "MIG-"))
+            else pynvml.nvmlDeviceGetHandleByIndex(int(device))
+        )
+        self.method = "NVML memory used, sampled"
+        return lambda: int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak = max(self.peak, self._read())
+
+    def __enter__(self) -> DeviceMemoryPeak:
+        self.peak = self._read()
+        self.baseline = self.peak if self._fixed_baseline is None else self._fixed_baseline
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join()
+        self.peak = max(self.peak, self._read())
+
+    @property
+    def gib(self) -> float:
+        """Peak above the level at entry, in GiB."""
+        return (self.peak - self.baseline) / GIB
 
 
 def fixed_length_quadruples(rows: int, prompt_chars: int, response_chars: int, seed: int) -> pa.Table:
@@ -90,23 +172,25 @@ def tokens_per_example(job: WRPOJobConfig) -> int:
 
     dataset, report = tokenize_quadruples(load_quadruples(job.data), load_tokenizer(job.model), job.training)
     if report.prompts_truncated or report.responses_truncated:
-        raise SystemExit("examples were truncated; raise --max-length")
+        raise BenchError("examples were truncated; raise --max-length")
     counts = {
         sum(len(prompt) + len(response) for response in responses)
         for prompt, responses in zip(dataset["prompt_ids"], dataset["response_ids"], strict=True)
     }
     if len(counts) != 1:
-        raise SystemExit(f"examples differ in length: {sorted(counts)}")
+        raise BenchError(f"examples differ in length: {sorted(counts)}")
     return counts.pop()
 
 
-def make_job(args: argparse.Namespace, out: Path) -> WRPOJobConfig:
-    """The toy model, the quadruples with stored reference log-probs, and the job every run shares."""
+def make_job(args: argparse.Namespace, out: Path) -> tuple[WRPOJobConfig, int]:
+    """The toy model, the quadruples with stored reference log-probs, the job every run shares; and
+    the model's parameter count."""
     tokenizer = build_char_tokenizer()
     model = build_tiny_llama(
         tokenizer, seed=0, hidden_size=args.hidden_size, num_layers=args.layers,
         num_heads=max(1, args.hidden_size // 64), max_position_embeddings=args.max_length,
     )  # fmt: skip
+    params = sum(p.numel() for p in model.parameters())  # tied embeddings counted once
     model_dir = save_tiny_model(model, tokenizer, out / "model")
     data = out / "quadruples.parquet"
     rows = args.steps * args.batch_size
@@ -122,13 +206,17 @@ def make_job(args: argparse.Namespace, out: Path) -> WRPOJobConfig:
     )  # fmt: skip
     job = WRPOJobConfig(model=model_dir, data=str(data), output_dir=str(out / "reference"), training=training)
     config = write_job_config(job, out / "reference" / "job.yaml")
-    subprocess.run([sys.executable, "-m", "wrpo_core.cli", "reference", "--config", config], check=True,
-                   stdout=subprocess.DEVNULL)  # fmt: skip
-    return job.model_copy(update={"data": str(out / "reference" / REFERENCE_FILE)})
+    reference = subprocess.run(
+        [sys.executable, "-m", "wrpo_core.cli", "reference", "--config", config],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    if reference.returncode != 0:
+        raise BenchError(f"reference log-probs failed: {reference.stderr.strip()[-2000:]}")
+    return job.model_copy(update={"data": str(out / "reference" / REFERENCE_FILE)}), params
 
 
-def run_one(job: WRPOJobConfig, run: Run, out: Path, tokens_per_step: int) -> dict:
-    """Launches one configuration and measures it from its metrics rows."""
+def run_one(job: WRPOJobConfig, run: Run, out: Path, tokens_per_step: int, *, gpu: bool = False) -> dict:
+    """Launches one configuration and measures it from its metrics rows (and, on a GPU, its memory)."""
     training = job.training.model_copy(
         update={
             "per_device_train_batch_size": job.training.per_device_train_batch_size // run.nproc,
@@ -144,15 +232,22 @@ def run_one(job: WRPOJobConfig, run: Run, out: Path, tokens_per_step: int) -> di
         }
     )
     log: list[str] = []
+    memory = DeviceMemoryPeak() if gpu else None
     try:
-        result = launch_job("wrpo", this, on_log=log.append)
+        if memory is None:
+            result = launch_job("wrpo", this, on_log=log.append)
+        else:
+            with memory:
+                result = launch_job("wrpo", this, on_log=log.append)
     except TrainingJobError as error:
         (out / "failed.log").write_text("\n".join(log))
-        raise SystemExit(f"{run.name} failed: {error.error} (log: {out / 'failed.log'})") from None
+        raise BenchError(f"{run.name} failed: {error.error} (log: {out / 'failed.log'})") from None
     steps = [row for row in result.metrics if "loss" in row]
+    if len(steps) < 2:
+        raise BenchError(f"{run.name}: {len(steps)} logged steps; step time needs at least 2 (raise --steps)")
     first, last = steps[0], steps[-1]
     step_s = (last["time"] - first["time"]) / (last["step"] - first["step"])
-    return {
+    measured: dict[str, Any] = {
         "run": run.name,
         "steps": last["step"],
         "step_s": step_s,
@@ -161,9 +256,13 @@ def run_one(job: WRPOJobConfig, run: Run, out: Path, tokens_per_step: int) -> di
         "train_tokens_per_s": last["step"] * tokens_per_step / result.summary["train_runtime"],
         "losses": [row["loss"] for row in steps],
     }
+    if memory is not None:
+        measured.update(peak_mem_gib=memory.gib, mem_method=memory.method)
+    return measured
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The options of this benchmark (`resolve_presets` fills the size defaults)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", action="store_true", help="one GPU, bf16: plain vs ZeRO-3 on 1 process")
     parser.add_argument("--quick", action="store_true", help="a smoke check: tiny model, few steps")
@@ -179,6 +278,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--out", type=Path, help="work folder (default: a temporary one)")
     parser.add_argument("--json", action="store_true", help="also print the results as one JSON line")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parsed options with the presets of --gpu / --quick filled in where an option was not given."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     preset = {"steps": 40, "batch_size": 16, "hidden_size": 1024, "layers": 8} if args.gpu else {
         "steps": 16, "batch_size": 8, "hidden_size": 256, "layers": 4}  # fmt: skip
@@ -189,11 +294,37 @@ def main(argv: list[str] | None = None) -> int:
             setattr(args, name, value)
     if args.batch_size % 2:
         parser.error("--batch-size must be even (it is split over 2 processes)")
+    return args
+
+
+def compare(args: argparse.Namespace, out: Path, runs: tuple[Run, ...]) -> dict[str, Any]:
+    """Runs `runs` on one shared job in `out`: per-run results, tokens/step, parameters, loss agreement."""
+    job, params = make_job(args, out)
+    tokens_per_step = tokens_per_example(job) * args.batch_size
+    results = [run_one(job, run, out, tokens_per_step, gpu=args.gpu) for run in runs]
+    reference = results[0]["losses"]
+    diffs = [abs(a - b) for r in results for a, b in zip(r["losses"], reference, strict=True)]
+    loss_diff = float("nan") if any(math.isnan(d) for d in diffs) else max(diffs)  # max() can skip a NaN
+    # fp32: the runs must agree. bf16: ZeRO-3 keeps bf16 weights where the plain Trainer autocasts
+    # over fp32 ones, so only a gross difference (a broken run) fails.
+    tolerance = BF16_LOSS_TOLERANCE if args.gpu else LOSS_TOLERANCE
+    return {
+        "results": results,
+        "tokens_per_step": tokens_per_step,
+        "params": params,
+        "max_loss_abs_diff": loss_diff,
+        "loss_tolerance": tolerance,
+        "losses_agree": bool(loss_diff <= tolerance),  # False on NaN too
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.gpu:
         import torch
 
         if not torch.cuda.is_available():
-            parser.error("--gpu needs a CUDA GPU")
+            build_parser().error("--gpu needs a CUDA GPU")
         device = torch.cuda.get_device_name()
     else:
         device = f"CPU, OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} per process"
@@ -201,24 +332,26 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-zero3-") as tmp:
         out = args.out or Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
-        job = make_job(args, out)
-        tokens_per_step = tokens_per_example(job) * args.batch_size
-        results = [run_one(job, run, out, tokens_per_step) for run in (GPU_RUNS if args.gpu else CPU_RUNS)]
+        try:
+            report = compare(args, out, GPU_RUNS if args.gpu else CPU_RUNS)
+        except BenchError as error:
+            print(f"FAIL: {error}", file=sys.stderr)
+            return 1
 
-    reference = results[0]["losses"]
-    loss_diff = max(abs(a - b) for r in results for a, b in zip(r["losses"], reference, strict=True))
+    results, tokens_per_step = report["results"], report["tokens_per_step"]
     print(
         f"\nWRPO under DeepSpeed ZeRO-3 vs 1 process, {device}; toy Llama hidden {args.hidden_size}, "
         f"{args.layers} layers, {'bf16' if args.gpu else 'fp32'}; global batch {args.batch_size}, "
         f"{tokens_per_step} tokens/step, {args.steps} steps\n"
         "step s / tok/s: steady steps (first to last logged step); train s: Trainer train_runtime\n"
     )
-    header = f"{'run':<10}{'step s':>9}{'tok/s':>9}{'train s':>9}{'tok/s (train s)':>17}"
+    memory = " peak GiB" if args.gpu else ""
+    header = f"{'run':<10}{'step s':>9}{'tok/s':>9}{'train s':>9}{'tok/s (train s)':>17}{memory}"
     print(header + "\n" + "-" * len(header))
     for r in results:
         print(
             f"{r['run']:<10}{r['step_s']:>9.3f}{r['tokens_per_s']:>9.0f}{r['train_s']:>9.2f}"
-            f"{r['train_tokens_per_s']:>17.0f}"
+            f"{r['train_tokens_per_s']:>17.0f}" + (f"{r['peak_mem_gib']:>9.2f}" if args.gpu else "")
         )
     by_name = {r["run"]: r for r in results}
     if not args.gpu:
@@ -226,14 +359,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nZeRO-3 tokens/s, 2 processes / 1 process: {ratio:.2f}x")
     zero3_vs_plain = by_name["zero3 x1"]["tokens_per_s"] / by_name["plain x1"]["tokens_per_s"]
     print(f"ZeRO-3 x1 tokens/s / plain x1 tokens/s:    {zero3_vs_plain:.2f}x")
-    print(f"max |loss - loss({results[0]['run']})| over {len(reference)} steps: {loss_diff:.2e}")
+    loss_diff = report["max_loss_abs_diff"]
+    print(f"max |loss - loss({results[0]['run']})| over {len(results[0]['losses'])} steps: {loss_diff:.2e}")
     if args.json:
         print(json.dumps({"device": device, "results": results, "max_loss_abs_diff": loss_diff}))
-    # fp32: the runs must agree. bf16: ZeRO-3 keeps bf16 weights where the plain Trainer autocasts
-    # over fp32 ones, so only a gross difference (a broken run) fails.
-    tolerance = 1e-1 if args.gpu else LOSS_TOLERANCE
-    if not loss_diff <= tolerance:  # also fails on NaN
-        print(f"FAIL: losses differ by {loss_diff:.2e} > {tolerance:g}", file=sys.stderr)
+    if not report["losses_agree"]:
+        print(f"FAIL: losses differ by {loss_diff:.2e} > {report['loss_tolerance']:g}", file=sys.stderr)
         return 1
     return 0
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The local development stack: a Prefect server on loopback, the process work pool, the
-# deployments, and a worker in the foreground. Ctrl-C twice stops them (Prefect's worker
+# The local development stack: a Prefect server on loopback, the work pools, the deployments,
+# and a process worker in the foreground (nothing here picks up 'wrpo-fusion/kubernetes': its
+# runs wait for a Kubernetes worker, deployments/README.md). Ctrl-C twice stops them (Prefect's worker
 # only asks its flow runs to stop on the first SIGINT; the second kills it), then the server.
 #   make serve                        (or: deployments/serve.sh; port: PREFECT_PORT, default 4200)
 # Then open http://127.0.0.1:$PREFECT_PORT, or from another shell:

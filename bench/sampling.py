@@ -141,7 +141,7 @@ def main() -> None:
 
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     results = {
         "batching": bench_batching(models["src-0"], prompts[: max(8, prompts_n // 4)], n, new_tokens),
         "scoring": bench_scoring(

@@ -127,3 +127,9 @@ class RayNodes:
                     os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
         self.processes.clear()
+        # `ray start --head` names itself the machine's current cluster; a plain ray.init() later would
+        # try to join it. Only our own entry is removed.
+        current = Path("/tmp/ray/ray_current_cluster")
+        with suppress(OSError):
+            if current.read_text().strip().rsplit(":", 1)[-1] == self.address.rsplit(":", 1)[-1]:
+                current.unlink()

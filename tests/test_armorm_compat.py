@@ -353,7 +353,7 @@ def test_on_ray_a_reward_model_that_cannot_load_fails_once_as_permanent(tmp_path
     storage.write_table("samples/part-00000.parquet", samples, SAMPLES)
     prompts = pa.table({"prompt_id": ["p0"], "prompt": ["say hi"]})
     spec = RewardModelSpec(path=str(tmp_path / "rm"), trust_remote_code=True)
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         with (
             caplog.at_level(logging.WARNING, logger="wrpo_core.fanout"),

@@ -427,7 +427,7 @@ def test_ray_job_retried_after_its_workers_die_resumes_from_storage(
         lines.append(line)
         kill_workers_once()
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
         result = launch_job("sft", job, on_log=on_log, on_metrics=kill_workers_once)
     finally:

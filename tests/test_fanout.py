@@ -27,7 +27,7 @@ def local_ray():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Workers cannot import this test module by name: ship its classes by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -157,7 +157,7 @@ def test_killed_run_resumes_with_every_row_once(tmp_path, tiny_model_dir):
         from wrpo_core.prompts import prompt_id_of
         texts = [f"reverse: word{{i}}" for i in range(80)]
         prompts = pa.table({{"prompt_id": [prompt_id_of(t) for t in texts], "prompt": texts}})
-        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
         spec = ModelSpec(path={tiny_model_dir!r}, name="tiny", sampling={{"n": 2, "max_new_tokens": 24}})
         sample_model(spec, prompts, ({str(tmp_path)!r}, {{}}), "samples/tiny", ComputeConfig(), shard_size=2, num_actors=1)
     """)

@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -199,9 +200,11 @@ def _start_reaper(session: str) -> subprocess.Popen:
 def init_ray(compute: ComputeConfig) -> None:
     """Connects to `compute.ray_address`, or starts a local Ray sized to this machine (thread-safe).
 
-    A local Ray never outlives this process: a reaper process (see `_REAPER`) kills every process
-    of its session once this one ends, also by SIGKILL (Ray's own clean-up misses some: agents,
-    and sometimes an actor).
+    Actors' stdout and stderr are printed by this process (`log_to_driver`), so they reach `ray job
+    logs` when it is a Ray job; a dead actor's last lines also go into the error (`actor_output_tail`).
+    A local Ray never outlives this process: a reaper process (see `_REAPER`) kills every process of
+    its session once this one ends, also by SIGKILL (Ray's own clean-up misses some: agents, and
+    sometimes an actor).
     """
     import ray
 
@@ -211,9 +214,10 @@ def init_ray(compute: ComputeConfig) -> None:
             return
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         if compute.ray_address:
-            ray.init(address=compute.ray_address, ignore_reinit_error=True, log_to_driver=False)
+            ray.init(address=compute.ray_address, ignore_reinit_error=True, log_to_driver=True)
         else:
-            ray.init(include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+            # "local": never join a cluster that `ray start` left on this machine (its reaper would end it).
+            ray.init(address="local", include_dashboard=False, ignore_reinit_error=True, log_to_driver=True)
             _started_local_ray = True
             _reaper = _start_reaper(ray.get_runtime_context().get_session_name())
 
@@ -248,6 +252,48 @@ def actor_options(spec: ModelSpec | None, compute: ComputeConfig) -> dict[str, A
     return {"num_cpus": compute.num_cpus_per_actor, "num_gpus": gpus}
 
 
+def actor_output_tail(actor_id: str | None, lines: int = 20) -> str:
+    """The last `lines` of a dead actor's stderr and stdout (C-level crash output included), for an error.
+
+    Ray keeps a worker's output in `worker-*-<pid>.err/.out` in the logs folder of its node's session.
+    An actor on this machine's node is read from there; on another node through Ray's state API
+    (the cluster's dashboard). Says why when neither can be read.
+    """
+    import ray
+
+    if actor_id is None:
+        return "(no actor id: its output cannot be found)"
+    try:
+        info = ray._private.state.actors(actor_id)
+        pid, node_id = info.get("Pid"), info["Address"]["NodeID"]
+        if node_id == ray.get_runtime_context().get_node_id():
+            folder = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
+            found = [
+                f"{path.name} (last {lines} lines):\n" + "\n".join(_tail(path, lines))
+                for suffix in ("err", "out")
+                for path in sorted(folder.glob(f"worker-*-{pid}.{suffix}"))
+            ]
+            return "\n".join(found) if found else f"(no output files of pid {pid} in {folder})"
+        from ray.util.state import get_log
+
+        webui = ray._private.worker.global_worker.node.address_info.get("webui_url")
+        if not webui:
+            return f"(the actor ran on node {node_id}, and this cluster has no dashboard to read its logs)"
+        text = "".join(
+            get_log(address=f"http://{webui}", actor_id=actor_id, suffix="err", tail=lines, timeout=10)
+        )
+        return f"stderr of pid {pid} on node {node_id} (last {lines} lines):\n{text.rstrip()}"
+    except Exception as error:
+        return f"(its output could not be read: {type(error).__name__}: {error})"
+
+
+def _tail(path: Path, lines: int) -> list[str]:
+    with path.open("rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        handle.seek(max(0, handle.tell() - 64 * 1024))
+        return handle.read().decode("utf-8", errors="replace").splitlines()[-lines:]
+
+
 class ShardError(RuntimeError):
     """A shard that could not be written, naming it and its file; `permanent`: a retry cannot help."""
 
@@ -273,6 +319,7 @@ def run_shards(
     max_attempts: int = 3,
     desc: str = "shards",
     on_done: Callable[[Shard, dict], None] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> dict[int, dict]:
     """Runs every shard not yet written on a pool of actors; retries a dead actor's shard elsewhere.
 
@@ -280,6 +327,8 @@ def run_shards(
     A shard whose actor dies, or whose work raises an error a retry may fix, is retried on a fresh
     actor, up to `max_attempts` tries; a permanent error (bad data or config, `failures.is_permanent`)
     fails at once. Either way a ShardError names the shard and its file and says whether it is permanent.
+    `on_progress(done, total)` is called with the shards written: once at the start (those an earlier
+    attempt wrote count as done) and after each shard that finishes.
     """
     import ray
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
@@ -289,6 +338,8 @@ def run_shards(
     skipped = len(shards) - len(pending)
     if skipped:
         logger.info("%s: %d of %d shards already written, skipped", desc, skipped, len(shards))
+    if on_progress is not None:
+        on_progress(skipped, len(shards))
     results: dict[int, dict] = {}
     attempts: dict[int, int] = {}
     idle = [make_actor() for _ in range(min(num_actors, len(pending)))]
@@ -305,19 +356,17 @@ def run_shards(
         try:
             result = ray.get(ready[0])
         except (RayActorError, ActorDiedError, ActorUnavailableError) as error:
+            output = actor_output_tail(getattr(error, "actor_id", None))
             if attempts[shard.index] >= max_attempts:
                 bar.close()
                 raise ShardError(
                     f"{desc}: shard {shard.index} ({storage.display(shard.out_key)}) failed on "
-                    f"{max_attempts} actors in a row (each died or became unreachable): {error}",
+                    f"{max_attempts} actors in a row (each died or became unreachable): {error}\n"
+                    f"the last actor's output: {output}",
                     permanent=False,
                 ) from error
-            logger.warning(
-                "%s: actor died on shard %d (attempt %d); retrying on a new actor",
-                desc,
-                shard.index,
-                attempts[shard.index],
-            )
+            logger.warning("%s: actor died on shard %d (attempt %d); retrying on a new actor. Its output: %s",
+                           desc, shard.index, attempts[shard.index], output)  # fmt: skip
             pending.insert(0, shard)
             idle.append(make_actor())
             continue
@@ -339,6 +388,8 @@ def run_shards(
         results[shard.index] = result
         if on_done is not None:
             on_done(shard, result)
+        if on_progress is not None:
+            on_progress(skipped + len(results), len(shards))
         idle.append(actor)
         bar.update(1)
         bar.set_postfix(shards_per_min=f"{60 * bar.n / max(time.perf_counter() - start, 1e-9):.1f}")
@@ -358,6 +409,7 @@ def sample_model(
     device: str = "cpu",
     batch_size: int = 32,
     tag: str = "",
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> tuple[list[Shard], dict[int, dict]]:
     """Samples every prompt shard of one model on Ray actors into `out_prefix/part-[TAG-]NNNNN.parquet`.
 
@@ -365,7 +417,7 @@ def sample_model(
     given in the config): each actor opens it itself, resolving credentials from its own
     environment when the options hold none. Each result holds the written shard's `file` entry. Shards already
     written under the same `tag` are kept (a rerun after a crash); give a new tag when the model,
-    its sampling settings or the prompts change.
+    its sampling settings or the prompts change. `on_progress(done, total)` counts shards (`run_shards`).
     """
     import ray
 
@@ -379,7 +431,7 @@ def sample_model(
                                   batch_size=batch_size)  # fmt: skip
 
     results = run_shards(make_actor, StorageAccess(*storage).open(), shards, lambda actor, shard: actor.run.remote(shard),
-                         num_actors=num_actors, desc=f"sampling {spec.name}")  # fmt: skip
+                         num_actors=num_actors, desc=f"sampling {spec.name}", on_progress=on_progress)  # fmt: skip
     return shards, results
 
 
@@ -393,8 +445,10 @@ def score_model(
     *,
     num_actors: int = 1,
     tag: str = "",
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> tuple[list[Shard], dict[int, dict]]:
-    """Scores every sample shard of one model on Ray actors, shard for shard (`tag`: see sample_model)."""
+    """Scores every sample shard of one model on Ray actors, shard for shard (`tag`, `on_progress`: see
+    sample_model)."""
     import ray
 
     init_ray(compute)
@@ -412,5 +466,6 @@ def score_model(
         lambda actor, shard: actor.run.remote(shard, samples_key[shard.index]),
         num_actors=num_actors,
         desc=f"scoring with {spec.path}",
+        on_progress=on_progress,
     )
     return shards, results

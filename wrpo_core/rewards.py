@@ -10,7 +10,7 @@ missing is a permanent error). Tokenizer and model are loaded at the spec's `rev
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -79,6 +79,8 @@ class SequenceClassifierScorer:
     A model with its own code (config.json `auto_map`) loads only with `trust_remote_code`, through
     `wrpo_core.remote_code.check_remote_code`; `remote_code_stand_ins` lists the removed transformers
     names it supplied for that code, and an ImportError from that code is a permanent RemoteCodeError.
+
+    `on_progress(done, total)`, when set, is called with the conversations scored after each batch.
     """
 
     def __init__(self, spec: RewardModelSpec, *, device: str | None = None, progress: bool = True):
@@ -114,6 +116,7 @@ class SequenceClassifierScorer:
             embeddings.num_embeddings if embeddings is not None else self.model.config.vocab_size
         )
         self.pad_token_id: int | None = None
+        self.on_progress: Callable[[int, int], None] | None = None
 
     def _texts(self, prompts: Sequence[str], responses: Sequence[str]) -> list[str]:
         return [
@@ -155,6 +158,8 @@ class SequenceClassifierScorer:
             values = output.score if getattr(output, "score", None) is not None else output.logits[:, 0]
             for row, i in enumerate(index):
                 scores[i] = float(values[row].float())
+            if self.on_progress is not None:
+                self.on_progress(start + len(index), len(order))
         return scores
 
 

@@ -5,11 +5,15 @@ the layout and writes its own; the stage runner (`runner.py`) records it in a ma
 
     ingest -> split -> sample each source -> score -> select y_ws
     -> (SFT) -> sample Target-SFT -> score -> select y_wt / y_l
+
+Sample and score stages report progress through an optional `on_progress(done, total, unit)`:
+shards on Ray (those written by an earlier attempt count as done from the start), samples inline
+(per batch with the HF sampler and HF reward models; start and end otherwise).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 import pyarrow as pa
@@ -19,11 +23,21 @@ from wrpo_core import fanout
 from wrpo_core.config import FusionConfig, ModelSpec
 from wrpo_core.pipeline.roles import TARGET_SFT
 from wrpo_core.prompts import read_prompts, split_prompts, split_size
-from wrpo_core.rewards import load_scorer, score_samples
-from wrpo_core.sampling import load_sampler
+from wrpo_core.rewards import SequenceClassifierScorer, load_scorer, score_samples
+from wrpo_core.sampling import HFSampler, load_sampler
 from wrpo_core.schemas import BEST_SOURCE, PROMPTS, QUADRUPLES, SAMPLES, SCORES, DataError
 from wrpo_core.selection import SelectionReport, select_best_source, select_target_pairs
 from wrpo_core.storage import RunLayout, digest
+
+ProgressCallback = Callable[[int, int, str], None]
+"""A stage's progress: (done, total, unit), e.g. (3, 10, "shards"); called as work finishes."""
+
+
+def _in_unit(on_progress: ProgressCallback | None, unit: str) -> Callable[[int, int], None] | None:
+    """`on_progress` for counts of one unit, as fanout, the HF sampler and the HF scorer report them."""
+    if on_progress is None:
+        return None
+    return lambda done, total: on_progress(done, total, unit)
 
 
 def _prompt_text(layout: RunLayout) -> dict[str, str]:
@@ -75,14 +89,23 @@ def sample(
     *,
     device: str = "cpu",
     batch_size: int = 32,
+    on_progress: ProgressCallback | None = None,
 ) -> dict:
     """Samples `spec.sampling.n` responses per prompt from one model (its HF or vLLM backend) into SAMPLES.
 
     Reads the prompts dataset `prompts_key`; writes `out_key` (default `samples/<spec.name>`).
+    `on_progress` counts samples: per batch with the HF backend, at start and end with vLLM.
     """
     prompts = layout.read_dataset(prompts_key, PROMPTS)
     sampler = load_sampler(spec, device=device, batch_size=batch_size)
+    progress = _in_unit(on_progress, "samples")
+    if progress is not None and isinstance(sampler, HFSampler):
+        sampler.on_progress = progress
+    elif progress is not None:  # vLLM samples every prompt in one call
+        progress(0, prompts.num_rows * spec.sampling.n)
     table, report = sampler.sample(prompts["prompt_id"].to_pylist(), prompts["prompt"].to_pylist())
+    if progress is not None:
+        progress(table.num_rows, table.num_rows)
     layout.write_dataset(out_key or layout.samples(spec.name), table, SAMPLES)
     return {
         "model": spec.name,
@@ -107,9 +130,18 @@ def _shard_files(shards: list[fanout.Shard], results: dict[int, dict]) -> list[s
 
 
 def sample_on_ray(
-    cfg: FusionConfig, spec: ModelSpec, layout: RunLayout, prompts_key: str, *, device: str
+    cfg: FusionConfig,
+    spec: ModelSpec,
+    layout: RunLayout,
+    prompts_key: str,
+    *,
+    device: str,
+    on_progress: ProgressCallback | None = None,
 ) -> dict:
-    """The sample stage fanned out over Ray actors: shards written by actors, listed in the manifest."""
+    """The sample stage fanned out over Ray actors: shards written by actors, listed in the manifest.
+
+    `on_progress` counts shards, those already written by an earlier attempt done from the start.
+    """
     out_key = layout.samples(spec.name)
     prompts = layout.read_dataset(prompts_key, PROMPTS)
     run_model = layout.model_key(spec.name)
@@ -119,6 +151,7 @@ def sample_on_ray(
     shards, results = fanout.sample_model(
         spec, prompts, layout.storage.access(), out_key, cfg.compute,
         shard_size=cfg.compute.shard_size, num_actors=cfg.compute.num_actors, device=device, tag=tag,
+        on_progress=_in_unit(on_progress, "shards"),
     )  # fmt: skip
     entry = layout.register_dataset(out_key, SAMPLES, _shard_files(shards, results))
     return {
@@ -133,8 +166,10 @@ def sample_on_ray(
     }
 
 
-def score_on_ray(cfg: FusionConfig, layout: RunLayout, model: str) -> dict:
-    """The score stage fanned out over Ray actors, one score shard per sample shard."""
+def score_on_ray(
+    cfg: FusionConfig, layout: RunLayout, model: str, *, on_progress: ProgressCallback | None = None
+) -> dict:
+    """The score stage fanned out over Ray actors, one score shard per sample shard (`on_progress`: shards)."""
     entry = layout.note_input(layout.samples(model))  # actors read the files; the stage depends on them
     sample_shards = [fanout.Shard(i, 0, 0, f["key"]) for i, f in enumerate(entry["files"])]
     out_key = layout.scores(model)
@@ -142,16 +177,30 @@ def score_on_ray(cfg: FusionConfig, layout: RunLayout, model: str) -> dict:
     shards, results = fanout.score_model(
         cfg.reward_model, layout.read_dataset(layout.prompts, PROMPTS), layout.storage.access(),
         sample_shards, out_key, cfg.compute, num_actors=cfg.compute.num_actors, tag=tag,
+        on_progress=_in_unit(on_progress, "shards"),
     )  # fmt: skip
     layout.register_dataset(out_key, SCORES, _shard_files(shards, results))
     scores = layout.read_dataset(out_key, SCORES)
     return {"model": model, "scored": scores.num_rows, "mean_reward": pc.mean(scores["score"]).as_py()}
 
 
-def score(cfg: FusionConfig, layout: RunLayout, model: str) -> dict:
-    """Scores one model's samples with the reward model into SCORES."""
+def score(
+    cfg: FusionConfig, layout: RunLayout, model: str, *, on_progress: ProgressCallback | None = None
+) -> dict:
+    """Scores one model's samples with the reward model into SCORES.
+
+    `on_progress` counts samples: per batch with an HF reward model, at start and end otherwise.
+    """
     samples = layout.read_dataset(layout.samples(model), SAMPLES)
-    scores = score_samples(samples, _prompt_text(layout), load_scorer(cfg.reward_model))
+    scorer = load_scorer(cfg.reward_model)
+    progress = _in_unit(on_progress, "samples")
+    if progress is not None and isinstance(scorer, SequenceClassifierScorer):
+        scorer.on_progress = progress
+    elif progress is not None:
+        progress(0, samples.num_rows)
+    scores = score_samples(samples, _prompt_text(layout), scorer)
+    if progress is not None:
+        progress(scores.num_rows, scores.num_rows)
     layout.write_dataset(layout.scores(model), scores, SCORES)
     return {"model": model, "scored": scores.num_rows, "mean_reward": pc.mean(scores["score"]).as_py()}
 

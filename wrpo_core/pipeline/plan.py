@@ -24,6 +24,7 @@ import torch
 from wrpo_core.config import FusionConfig, ModelSpec
 from wrpo_core.locations import location_fingerprint
 from wrpo_core.pipeline import data, publishing, training
+from wrpo_core.pipeline.data import ProgressCallback
 from wrpo_core.pipeline.roles import DPO_BASELINE, FUSED, TARGET_SFT
 from wrpo_core.pipeline.runner import Outcome, Stage, config_hash, run_stage_outcome, sibling_runs
 from wrpo_core.pipeline.training import TrainingHooks
@@ -65,13 +66,19 @@ def _stage_builders(
     """Every stage of the run by name, in order, each built only when asked for (keys can cost a stat)."""
     on_ray = cfg.compute.executor == "ray"
 
+    progress = hooks.on_progress
+
     def sample(spec: ModelSpec, prompts_key: str) -> dict:
         if on_ray:
-            return data.sample_on_ray(cfg, spec, layout, prompts_key, device=_device(cfg))
-        return data.sample(spec, layout, prompts_key, device=_device(cfg))
+            return data.sample_on_ray(
+                cfg, spec, layout, prompts_key, device=_device(cfg), on_progress=progress
+            )
+        return data.sample(spec, layout, prompts_key, device=_device(cfg), on_progress=progress)
 
     def score(model: str) -> dict:
-        return data.score_on_ray(cfg, layout, model) if on_ray else data.score(cfg, layout, model)
+        if on_ray:
+            return data.score_on_ray(cfg, layout, model, on_progress=progress)
+        return data.score(cfg, layout, model, on_progress=progress)
 
     reward = cfg.reward_model.model_dump(mode="json")
     target = cfg.target.model_dump(mode="json", exclude={"sampling", "name"})
@@ -136,12 +143,14 @@ def pipeline_stages(
     *,
     on_log: LogCallback | None = None,
     on_metrics: MetricsCallback | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> list[Stage]:
     """The ordered stages of a whole fusion run, each with its settings key and prerequisites.
 
-    `on_log` / `on_metrics` receive the training stages' log lines and per-step metrics rows.
+    `on_log` / `on_metrics` receive the training stages' log lines and per-step metrics rows;
+    `on_progress(done, total, unit)` the progress of the sample, score and training stages.
     """
-    hooks = TrainingHooks(on_log, on_metrics)
+    hooks = TrainingHooks(on_log, on_metrics, on_progress)
     return [build() for build in _stage_builders(cfg, layout, hooks).values()]
 
 
@@ -152,9 +161,10 @@ def pipeline_stage(
     *,
     on_log: LogCallback | None = None,
     on_metrics: MetricsCallback | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> Stage:
     """One stage of the run's plan by name, built without building the others (see `pipeline_stages`)."""
-    builders = _stage_builders(cfg, layout, TrainingHooks(on_log, on_metrics))
+    builders = _stage_builders(cfg, layout, TrainingHooks(on_log, on_metrics, on_progress))
     if name not in builders:
         raise ValueError(f"run {cfg.run_name} has no stage {name!r}; its stages: {list(builders)}")
     return builders[name]()
@@ -166,9 +176,10 @@ def dpo_baseline_stage(
     *,
     on_log: LogCallback | None = None,
     on_metrics: MetricsCallback | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> Stage:
     """The DPO baseline (WRPO at alpha 0 on the same data) as a stage after WRPO; not in the plan itself."""
-    hooks = TrainingHooks(on_log, on_metrics)
+    hooks = TrainingHooks(on_log, on_metrics, on_progress)
     key = {"wrpo": training.dpo_training(cfg).model_dump(mode="json")}
     return Stage(
         DPO_BASELINE, lambda: training.dpo_baseline(cfg, layout, hooks=hooks), key, (FUSED,), TARGET_SFT

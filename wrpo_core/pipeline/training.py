@@ -2,8 +2,9 @@
 
 A stage builds the job's config from the run's config and layout, trains in this process or
 launches it (torchrun / Ray Train, per `cfg.launch`), then publishes the model with its card.
-Log lines and per-step metrics reach the `TrainingHooks` either way: a launched job streams
-them, an in-process one has its metrics file followed while it trains.
+Log lines, per-step metrics and progress (steps done of the total) reach the `TrainingHooks`
+either way: a launched job streams them, an in-process one has its metrics file followed while it
+trains.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wrpo_core.config import FusionConfig, SFTJobConfig, WRPOConfig, WRPOJobConfig
-from wrpo_core.pipeline.data import rows_of_split
+from wrpo_core.pipeline.data import ProgressCallback, rows_of_split
 from wrpo_core.pipeline.publishing import finish_model
 from wrpo_core.pipeline.roles import DPO_BASELINE, FUSED, TARGET_SFT
 from wrpo_core.reference import REFERENCE_FILE
@@ -27,15 +28,20 @@ from wrpo_core.train.jobs import (
     train_in_process,
 )
 from wrpo_core.train.launch import launch_job
-from wrpo_core.train.metrics import follow_metrics, write_metrics
+from wrpo_core.train.metrics import StepProgress, follow_metrics, write_metrics
 
 
 @dataclass(frozen=True)
 class TrainingHooks:
-    """Where a training stage's log lines and per-step metrics rows go (e.g. a Prefect run's log)."""
+    """Where a stage's log lines, per-step metrics rows and progress go (e.g. a Prefect run's log).
+
+    `on_progress(done, total, unit)` is called as work finishes: optimizer steps of a training
+    stage, shards (on Ray) or samples (inline) of a data stage.
+    """
 
     on_log: LogCallback | None = None
     on_metrics: MetricsCallback | None = None
+    on_progress: ProgressCallback | None = None
 
 
 NO_HOOKS = TrainingHooks()
@@ -49,16 +55,32 @@ def _fetch_model(uri: str, folder: Path) -> None:
     fs.get(path.rstrip("/") + "/", str(folder), recursive=True)
 
 
+def _rows_callback(job: JobConfig, hooks: TrainingHooks) -> MetricsCallback | None:
+    """What receives a job's metrics rows: the `on_metrics` hook and, from the rows, `on_progress` in steps."""
+    on_metrics, on_progress = hooks.on_metrics, hooks.on_progress
+    if on_progress is None:
+        return on_metrics
+    progress = StepProgress(lambda done, total: on_progress(done, total, "steps"), job.training.max_steps)
+
+    def on_row(row: dict) -> None:
+        if on_metrics is not None:
+            on_metrics(row)
+        progress(row)
+
+    return on_row
+
+
 def train_job(stage: Stage, job: JobConfig, hooks: TrainingHooks = NO_HOOKS) -> dict[str, float]:
     """Trains in this process, or as a torchrun / Ray Train job when the config has a `launch` section."""
     folder = Path(job.output_dir)
+    on_row = _rows_callback(job, hooks)
     if job.launch is None:
-        if hooks.on_metrics is None:
+        if on_row is None:
             return train_in_process(stage, job)
         claim_output_dir(stage, job)  # a changed job clears its old outputs before the tail starts
-        with follow_metrics(folder, hooks.on_metrics):
+        with follow_metrics(folder, on_row):
             return train_in_process(stage, job, claimed=True)
-    result = launch_job(stage, job, on_log=hooks.on_log, on_metrics=hooks.on_metrics)
+    result = launch_job(stage, job, on_log=hooks.on_log, on_metrics=on_row)
     if result.model_uri and result.model_uri != job.output_dir:  # a Ray job stored it elsewhere: this one
         _fetch_model(result.model_uri, folder)
     write_metrics(folder, result.metrics)

@@ -17,6 +17,7 @@ neighbours (vLLM budgets each request by its own prompt).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -64,7 +65,10 @@ class PerRowSampling(LogitsProcessor):
 
 @dataclass
 class HFSampler:
-    """Samples n responses per prompt from one causal LM with transformers' `generate`."""
+    """Samples n responses per prompt from one causal LM with transformers' `generate`.
+
+    `on_progress(done, total)`, when set, is called with the samples done at the start and after each batch.
+    """
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
@@ -73,6 +77,7 @@ class HFSampler:
     batch_size: int = 16
     max_prompt_tokens: int = 1800
     progress: bool = True
+    on_progress: Callable[[int, int], None] | None = None
 
     @torch.inference_mode()
     def sample(self, prompt_ids: list[str], prompts: list[str]) -> tuple[pa.Table, SamplingReport]:
@@ -93,9 +98,15 @@ class HFSampler:
             unit="sample",
             disable=not self.progress,
         )
+        done = 0
+        if self.on_progress is not None:
+            self.on_progress(done, len(encoded) * n)
         for first in range(0, len(encoded), self.batch_size):
             chunk = [(pid, ids, k) for pid, ids in encoded[first : first + self.batch_size] for k in range(n)]
             self._generate(chunk, rows, stops, limit)
+            done += len(chunk)
+            if self.on_progress is not None:
+                self.on_progress(done, len(encoded) * n)
             bar.update(len(chunk))
             bar.set_postfix(samples_per_s=f"{bar.n / max(time.perf_counter() - start, 1e-9):.1f}")
         bar.close()

@@ -28,7 +28,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from wrpo_core.config import ConfigError, _TrainingHyperparameters
 from wrpo_core.config.training import gradient_accumulation
 from wrpo_core.train.checkpoints import SAVE_ON_EACH_NODE_ENV, checkpoint_step, last_complete_checkpoint
-from wrpo_core.train.metrics import METRICS_FILE, append_metrics_row, trim_metrics
+from wrpo_core.train.metrics import METRICS_FILE, append_metrics_row, append_train_begin_row, trim_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -202,10 +202,15 @@ def training_arguments(hp: _TrainingHyperparameters, output_dir: str) -> Trainin
 
 
 class JsonlMetricsCallback(TrainerCallback):
-    """Appends every logged dict (with its optimizer step and wall time) to `metrics.jsonl` on rank 0."""
+    """Appends every logged dict (with its optimizer step and wall time) to `metrics.jsonl` on rank 0,
+    and at the start of training a row with the step it starts at and the total steps (`MAX_STEPS`)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            append_train_begin_row(self.path, state.global_step, state.max_steps)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:

@@ -1,7 +1,8 @@
 """The one owner of a training job's per-step metrics: its `output_dir/metrics.jsonl`.
 
 Rank 0 of a job appends one JSON row per logged step (`append_metrics_row`, called by the
-trainers' `JsonlMetricsCallback`); a rerun drops the rows after the checkpoint it resumes from
+trainers' `JsonlMetricsCallback`), and when training starts a row with the step it starts at and
+the total (`MAX_STEPS`), so a follower can tell steps done of steps to do (`StepProgress`); a rerun drops the rows after the checkpoint it resumes from
 (`trim_metrics`, `drop_rows_after_resume_point`); launchers and flows stream the new rows while
 a job runs (`MetricsTail`, `follow_metrics`) and read them when it is done (`read_metrics`,
 `final_metrics`). No torch here: launchers and the CLI import this quickly.
@@ -21,6 +22,10 @@ from wrpo_core.train.checkpoints import checkpoint_step, last_complete_checkpoin
 
 METRICS_FILE = "metrics.jsonl"
 """Per-step metrics of a job, in its output_dir (written by rank 0)."""
+
+MAX_STEPS = "max_steps"
+"""Key of the row logged when training starts: the optimizer steps the whole job runs (the Trainer's
+`state.max_steps`, known only once it has counted the data when the config gives epochs)."""
 
 
 def metrics_path(folder: str | Path) -> Path:
@@ -57,6 +62,31 @@ def append_metrics_row(path: str | Path, step: int, logs: dict[str, Any]) -> Non
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as handle:
         handle.write(json.dumps({"step": step, "time": time.time(), **logs}) + "\n")
+
+
+def append_train_begin_row(path: str | Path, step: int, max_steps: int) -> None:
+    """Appends the row of a (re)started training: the step it starts at and its total (`MAX_STEPS`)."""
+    append_metrics_row(path, step, {MAX_STEPS: max_steps})
+
+
+class StepProgress:
+    """Turns a job's metrics rows into (steps done, total steps) calls of `on_progress`.
+
+    The total is `max_steps` when the job's config gives one (> 0), else the `MAX_STEPS` of the row
+    the job logs when training starts; rows before the total is known report nothing.
+    """
+
+    def __init__(self, on_progress: Callable[[int, int], None], max_steps: int | None = None):
+        self.on_progress = on_progress
+        self.total = max_steps if max_steps is not None and max_steps > 0 else None
+
+    def __call__(self, row: dict[str, Any]) -> None:
+        total = row.get(MAX_STEPS)
+        if isinstance(total, int) and not isinstance(total, bool) and total > 0:
+            self.total = total
+        step = row.get("step")
+        if self.total is not None and isinstance(step, int) and not isinstance(step, bool):
+            self.on_progress(min(step, self.total), self.total)
 
 
 def drop_rows_after_resume_point(output_dir: str | Path) -> None:

@@ -41,6 +41,7 @@ from wrpo_core.train.jobs import (
     store_reference,
     train_in_process,
 )
+from wrpo_core.train.metrics import MAX_STEPS
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +130,8 @@ def launch_ray(
     except (OSError, ValueError) as error:
         raise TrainingJobError(f"cannot identify the job's inputs: {error}") from error
     if not ray.is_initialized():
-        ray.init(address=launch.ray_address, log_to_driver=on_log is None)
+        # None = a local Ray of this process ("local"), never a cluster `ray start` left on the machine.
+        ray.init(address=launch.ray_address or "local", log_to_driver=on_log is None)
     use_gpu = launch.use_gpu if launch.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     events = Queue(actor_options={"num_cpus": 0})
     outcome: dict[str, Any] = {}
@@ -216,6 +218,12 @@ def _ray_callbacks(events: Any, rank: int) -> list:
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
     class ReportCallback(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            # The step a (resumed) job starts at and its total, as the in-process metrics file has it.
+            if events is not None and state.is_world_process_zero:
+                events.put_nowait(("metrics", {"step": state.global_step, "time": time.time(),
+                                               MAX_STEPS: state.max_steps}))  # fmt: skip
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             if events is not None and state.is_world_process_zero and logs:
                 events.put_nowait(("metrics", {"step": state.global_step, "time": time.time(), **logs}))

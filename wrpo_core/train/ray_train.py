@@ -25,6 +25,7 @@ from typing import Any
 
 from wrpo_core.config import LaunchConfig, SFTJobConfig, WRPOJobConfig
 from wrpo_core.config.training import planned_world_size
+from wrpo_core.ray_env import forwarded_env
 from wrpo_core.train.checkpoints import FINGERPRINT_FILE
 from wrpo_core.train.jobs import (
     LAUNCHED_ENV,
@@ -48,15 +49,6 @@ logger = logging.getLogger(__name__)
 FINAL_MODEL_DIR = "model"
 """Name of the final Hugging Face model in Ray storage (next to the `checkpoint-N` folders)."""
 
-PROPAGATED_ENV = (
-    "OMP_NUM_THREADS",
-    "TORCH_EXTENSIONS_DIR",
-    "HF_HOME",
-    "HF_HUB_OFFLINE",
-    "TOKENIZERS_PARALLELISM",
-)
-"""Driver environment variables that Ray workers inherit (torchrun children inherit everything)."""
-
 
 def ray_run_name(stage: Stage, job: JobConfig, fingerprint: str | None = None) -> str:
     """The run's name in Ray storage: `launch.run_name`, else stage, output folder, path hash, fingerprint.
@@ -74,8 +66,8 @@ def ray_run_name(stage: Stage, job: JobConfig, fingerprint: str | None = None) -
 
 
 def ray_worker_env(launch: LaunchConfig) -> dict[str, str]:
-    """Environment variables for Ray workers: the driver's PROPAGATED_ENV, the config's `env`, the marker."""
-    env = {name: os.environ[name] for name in PROPAGATED_ENV if name in os.environ}
+    """Environment variables for Ray workers: the driver's forwarded ones (ray_env.py), `launch.env`, the marker."""
+    env = forwarded_env()
     env.setdefault("OMP_NUM_THREADS", "1")
     return {**env, **launch.env, LAUNCHED_ENV: "1", **save_on_each_node(launch)}
 
@@ -131,7 +123,9 @@ def launch_ray(
         raise TrainingJobError(f"cannot identify the job's inputs: {error}") from error
     if not ray.is_initialized():
         # None = a local Ray of this process ("local"), never a cluster `ray start` left on the machine.
-        ray.init(address=launch.ray_address or "local", log_to_driver=on_log is None)
+        # The forwarded variables reach the train controller too: it opens `storage_path`.
+        ray.init(address=launch.ray_address or "local", log_to_driver=on_log is None,
+                 runtime_env={"env_vars": forwarded_env()})  # fmt: skip
     use_gpu = launch.use_gpu if launch.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     events = Queue(actor_options={"num_cpus": 0})
     outcome: dict[str, Any] = {}

@@ -254,7 +254,10 @@ def test_models_go_to_storage_and_come_back_through_a_cache(layout, tmp_path, mo
     (folder / "README.md").write_text("card")
     entry = layout.save_model("tiny")
     layout.commit("train-tiny", {})
-    assert [f["key"] for f in entry["files"]] == ["models/tiny/README.md", "models/tiny/model.safetensors"]
+    # with the sums another machine checks its copy by (storage/model_folders.py)
+    assert [f["key"] for f in entry["files"]] == [
+        "models/tiny/README.md", "models/tiny/SHA256SUMS", "models/tiny/model.safetensors",
+    ]  # fmt: skip
     if layout.storage.is_local:
         assert folder == layout.storage.local_path("models/tiny")  # trained in place: nothing copied
         assert layout.model("tiny") == str(folder)
@@ -266,6 +269,7 @@ def test_models_go_to_storage_and_come_back_through_a_cache(layout, tmp_path, mo
         return
     assert layout.storage.list_files("models/tiny") == [
         "models/tiny/README.md",
+        "models/tiny/SHA256SUMS",
         "models/tiny/model.safetensors",
     ]
     other = RunLayout(layout.root, storage=layout.storage, cache_dir=tmp_path / "elsewhere")

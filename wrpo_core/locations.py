@@ -8,10 +8,12 @@ no stage, sampler or trainer needs to know that the toy world exists.
 
     resolve_location("toy-world:demo/reverse")   # -> ~/.cache/wrpo-fusion/toy-world/.../reverse
     resolve_location("meta-llama/Meta-Llama-3-8B-Instruct")   # unchanged
+    resolve_model_location("s3://bucket/runs/x/models/target-sft")   # -> this machine's checked copy
 """
 
 from __future__ import annotations
 
+from wrpo_core.storage.model_folders import fetch_model_folder, is_storage_url
 from wrpo_core.storage.provenance import digest
 from wrpo_core.toy.paths import is_toy_path, resolve_path
 
@@ -19,6 +21,14 @@ from wrpo_core.toy.paths import is_toy_path, resolve_path
 def resolve_location(path: str) -> str:
     """The local folder or file behind a `toy-world:` path (built once, cached); any other path as given."""
     return resolve_path(path) if is_toy_path(path) else path
+
+
+def resolve_model_location(path: str) -> str:
+    """Where a model loads from on this machine: a storage URL of a model folder (`s3://...`) becomes
+    this machine's verified copy (`storage.model_folders.fetch_model_folder`); else `resolve_location`."""
+    if is_storage_url(path):
+        return str(fetch_model_folder(path))
+    return resolve_location(path)
 
 
 def location_fingerprint(path: str) -> str | None:

@@ -25,8 +25,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from wrpo_core.locations import resolve_location
+from wrpo_core.locations import resolve_model_location
 from wrpo_core.storage.layout import CACHED_SAVE_FILE
+from wrpo_core.storage.model_folders import SUMS_FILE, is_storage_url, model_folder_identity
 from wrpo_core.storage.provenance import file_sha256
 from wrpo_core.tokenization import PositionLimit, model_max_positions
 from wrpo_core.train.checkpoints import FINGERPRINT_FILE
@@ -37,7 +38,7 @@ MODEL_TEXT_SUFFIXES = (".json", ".jinja", ".model", ".txt", ".tiktoken", ".py")
 """Config, tokenizer, chat template and modelling-code files: identified by their content's sha256."""
 NOT_MODEL_FILES = frozenset(
     {"training_args.bin", "trainer_state.json", "train_results.json", "all_results.json", FINGERPRINT_FILE,
-     CACHED_SAVE_FILE}
+     CACHED_SAVE_FILE, SUMS_FILE}
 )  # fmt: skip
 """Files a training job or a download leaves next to a model, which are not the model."""
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -49,7 +50,7 @@ def load_tokenizer(
 ) -> PreTrainedTokenizerBase:
     """Loads a tokenizer and makes sure it can pad (pad = eos when the model has no pad token)."""
     tokenizer = AutoTokenizer.from_pretrained(
-        resolve_location(path), trust_remote_code=trust_remote_code, revision=revision
+        resolve_model_location(path), trust_remote_code=trust_remote_code, revision=revision
     )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -65,7 +66,7 @@ def load_causal_lm(
 ) -> PreTrainedModel:
     """Loads a causal LM (its weights in `dtype`; "auto" = as stored)."""
     return AutoModelForCausalLM.from_pretrained(
-        resolve_location(path), dtype=dtype, trust_remote_code=trust_remote_code, revision=revision
+        resolve_model_location(path), dtype=dtype, trust_remote_code=trust_remote_code, revision=revision
     )
 
 
@@ -77,7 +78,7 @@ def load_generation_config(
     A model without a generation_config.json gets one derived from its config.json, which is
     what transformers does when it loads the model.
     """
-    location = resolve_location(path)
+    location = resolve_model_location(path)
     try:
         return GenerationConfig.from_pretrained(location, revision=revision)
     except OSError:  # no generation_config.json: transformers derives it from config.json
@@ -104,10 +105,13 @@ def model_identity(path: str, *, revision: str | None = None) -> dict[str, Any]:
     when the sizes do not), its config, tokenizer, template and code files by content. A folder
     the pipeline downloaded from run storage carries the save it holds (`CACHED_SAVE_FILE`): that
     identifies its weights on every machine, where download times differ. A hub id: the commit
-    its revision resolves to. FileNotFoundError for a path that is neither, or a folder without
-    weights.
+    its revision resolves to. A storage URL of a saved model: the digest of its SHA256SUMS (the
+    same on the driver and on the machine that fetches it). FileNotFoundError for a path that is
+    none of these, or a folder without weights.
     """
-    local = Path(resolve_location(path))
+    if is_storage_url(path):  # identified by its SHA256SUMS, without downloading 16 GB to hash them
+        return model_folder_identity(path)
+    local = Path(resolve_model_location(path))
     if not local.is_dir():
         if local.exists() or not HUB_ID.match(path):
             raise FileNotFoundError(f"model {path}: neither a model folder nor a hub id")
@@ -144,7 +148,7 @@ def load_position_limit(
 ) -> PositionLimit | None:
     """How many positions the model at `path` holds (see `tokenization.model_max_positions`); only its config is read."""
     config = AutoConfig.from_pretrained(
-        resolve_location(path), trust_remote_code=trust_remote_code, revision=revision
+        resolve_model_location(path), trust_remote_code=trust_remote_code, revision=revision
     )
     return model_max_positions(config, tokenizer)
 
@@ -160,7 +164,7 @@ def loaded_dtype(
     if requested != "auto":
         return requested
     config = AutoConfig.from_pretrained(
-        resolve_location(path), trust_remote_code=trust_remote_code, revision=revision
+        resolve_model_location(path), trust_remote_code=trust_remote_code, revision=revision
     )
     stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     stored = getattr(torch, stored, None) if isinstance(stored, str) else stored

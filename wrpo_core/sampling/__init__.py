@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from wrpo_core.locations import resolve_location
+from wrpo_core.locations import resolve_model_location
 from wrpo_core.models import load_causal_lm, load_generation_config, load_tokenizer
 from wrpo_core.sampling.common import SamplingReport, sample_seed
 from wrpo_core.sampling.hf import HFSampler
@@ -31,7 +31,7 @@ def load_sampler(
         generation_config = load_generation_config(
             spec.path, trust_remote_code=spec.trust_remote_code, revision=spec.revision
         )
-        spec = spec.model_copy(update={"path": resolve_location(spec.path)})
+        spec = spec.model_copy(update={"path": resolve_model_location(spec.path)})
         return VLLMSampler(build_engine(spec), tokenizer, spec, generation_config, progress=progress)
     model = load_causal_lm(
         spec.path, trust_remote_code=spec.trust_remote_code, dtype=spec.dtype, revision=spec.revision

@@ -453,10 +453,11 @@ class Storage:
             self.fs.put([str(folder / f) for f in files], [self.path(f"{prefix}/{f}") for f in files])
 
     def download(self, prefix: str, files: list[str], folder: Path) -> None:
-        """Downloads `prefix/<file>` for each of `files` into the local `folder`."""
+        """Downloads `prefix/<file>` (`<file>` for an empty prefix) for each of `files` into the local `folder`."""
         if not files:
             return
         for name in files:
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        with self.guard("cannot download", prefix):
-            self.fs.get([self.path(f"{prefix}/{f}") for f in files], [str(folder / f) for f in files])
+        keys = [f"{prefix}/{f}" if prefix else f for f in files]
+        with self.guard("cannot download", prefix or self.display()):
+            self.fs.get([self.path(key) for key in keys], [str(folder / f) for f in files])

@@ -44,6 +44,7 @@ from wrpo_core.schemas import DataError, conform, schema_fingerprint, schema_nam
 from wrpo_core.storage.errors import ManifestError, StorageError
 from wrpo_core.storage.filesystem import Storage
 from wrpo_core.storage.keys import safe_key, safe_name
+from wrpo_core.storage.model_folders import SUMS_FILE, sums_text
 from wrpo_core.storage.options import BlockLoader
 from wrpo_core.storage.provenance import code_version, digest
 
@@ -335,6 +336,19 @@ class RunLayout:
         pq.write_table(table, target)
         return str(target)
 
+    def table_file_url(self, key: str, schema: pa.Schema) -> str:
+        """The storage URL of one Parquet file holding the dataset, for a process on another machine.
+
+        The dataset's own file when it has one part, else a single-file copy at `jobs/<key>.parquet`.
+        """
+        _, entry = self.entry(key)
+        self._note_input(key, entry)
+        if len(entry["files"]) == 1:
+            return self.storage.url_of(entry["files"][0]["key"])
+        copy_key = f"jobs/{safe_key(key)}.parquet"
+        self.storage.write_table(copy_key, self.read_dataset(key, schema), schema)
+        return self.storage.url_of(copy_key)
+
     def note_input(self, key: str) -> dict[str, Any]:
         """Records a completed stage's dataset or model as an input of the running stage; its entry.
 
@@ -369,9 +383,12 @@ class RunLayout:
             str(path.relative_to(folder))
             for path in folder.rglob("*")
             if path.is_file()
-            and path.name != CACHED_SAVE_FILE
+            and path.name not in (CACHED_SAVE_FILE, SUMS_FILE)
             and not any(fnmatch.fnmatch(path.relative_to(folder).parts[0], pattern) for pattern in exclude)
         )
+        # Another machine handed the model's URL checks its copy against these (model_folders.py).
+        (folder / SUMS_FILE).write_text(sums_text(folder, files))
+        files = sorted([*files, SUMS_FILE])
         key = self.model_key(name)
         sizes = {f: (folder / f).stat().st_size for f in files}
         entry = {
@@ -388,6 +405,14 @@ class RunLayout:
                 )
         self.record.models[key] = entry
         return entry
+
+    def model_url(self, name: str) -> str:
+        """The storage URL of a finished model, for a process on another machine (it fetches and checks
+        its own copy: `model_folders.fetch_model_folder`); recorded as an input of the running stage."""
+        key = self.model_key(name)
+        _, entry = self.entry(key)
+        self._note_input(key, entry)
+        return self.storage.url_of(key)
 
     def model(self, name: str) -> str:
         """Local folder of a finished model: its storage folder when local, else a cached download.

@@ -8,7 +8,6 @@ The head has 0 CPUs, so every sampling and scoring actor and every Ray Train wor
 that cannot read the driver's disk.
 """
 
-import json
 import os
 
 import pytest
@@ -17,8 +16,10 @@ from ray_nodes import RayNodes, can_hide_folders
 from wrpo_core.config import FusionConfig
 from wrpo_core.demo import DEFAULT_CACHE, _write_prompts
 from wrpo_core.pipeline import layout_for
+from wrpo_core.storage import Storage
 from wrpo_core.toy.paths import demo_settings, toy_config_data, toy_prompts
 from wrpo_core.toy.world import build_world
+from wrpo_core.train.ray_train import FINAL_MODEL_DIR
 
 pytestmark = pytest.mark.integration
 
@@ -77,21 +78,18 @@ def test_the_flow_completes_on_nodes_that_cannot_read_the_drivers_disk(
               "storage_path": f"{s3_prefix}/ray-train?endpoint_override={endpoint}&scheme=http"}  # fmt: skip
     data["launch"] = launch
     cfg = FusionConfig.model_validate(data)
-    try:
-        result = fusion(cfg)
-    except Exception as error:
-        # Today's main hands nodes paths of the driver's local cache (issue 14): that failure, and only
-        # that one, is the known state; any other failure fails this test.
-        if str(tmp_path / "driver-cache") not in str(error):
-            raise
-        # What works already: the sources were sampled and scored on the worker nodes, which wrote
-        # their shards to S3 with credentials they got only from the driver, by name.
-        layout = layout_for(cfg)
-        for source in world.sources:
-            for stage in (f"sample-{source}", f"score-{source}"):
-                assert layout.storage.exists(layout.manifest_key(stage)), f"{stage} did not complete"
-        pytest.xfail(f"issue 14 reproduced: a node was handed a path of the driver's disk: {error}")
+    result = fusion(cfg)
 
-    assert {"sample-target-sft", "sft", "wrpo", "evaluate"} <= set(result["stages"]), json.dumps(result)[
-        :2000
-    ]
+    # Every stage ran (a fresh run), on nodes that could open none of the driver's files.
+    assert set(result["stages"].values()) == {"ran"}, result["stages"]
+    assert {"sample-target-sft", "score-target-sft", "sft", "wrpo", "evaluate"} <= set(result["stages"])
+    layout = layout_for(cfg)
+    for name in ("target-sft", "wrpo"):  # saved with the sums that the nodes checked their copies by
+        assert layout.storage.exists(f"{layout.model_key(name)}/SHA256SUMS")
+    # Ray Train ran both jobs there and stored their final models in the object store.
+    ray_train = Storage.open(f"{s3_prefix}/ray-train")
+    runs = {path.rsplit("/", 1)[-1] for path in ray_train.fs.ls(ray_train.root)}
+    for stage in ("sft", "wrpo"):
+        run = next((r for r in runs if r.startswith(f"wrpo-{stage}-")), None)
+        assert run is not None and ray_train.exists(f"{run}/{FINAL_MODEL_DIR}/config.json"), runs
+    assert result["evaluation"] and set(result["evaluation"]) == {"target", "target-sft"}

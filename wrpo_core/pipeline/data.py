@@ -297,8 +297,14 @@ def per_model_statistics(
 
 
 def target_sft_spec(cfg: FusionConfig, layout: RunLayout) -> ModelSpec:
-    """Target-SFT as a model to sample from (a local folder), with the target's sampling settings."""
-    return cfg.target.model_copy(update={"path": layout.model(TARGET_SFT), "name": TARGET_SFT})
+    """Target-SFT as a model to sample from, with the target's sampling settings.
+
+    Ray actors on remote storage get the model's storage URL (each machine fetches and checks its
+    own copy: they share no disk with this one); otherwise the local folder.
+    """
+    elsewhere = cfg.compute.executor == "ray" and not layout.storage.is_local
+    path = layout.model_url(TARGET_SFT) if elsewhere else layout.model(TARGET_SFT)
+    return cfg.target.model_copy(update={"path": path, "name": TARGET_SFT})
 
 
 def select_target(cfg: FusionConfig, layout: RunLayout) -> dict:

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
+
 from wrpo_core.config import FusionConfig, SFTJobConfig, WRPOConfig, WRPOJobConfig
 from wrpo_core.pipeline.data import ProgressCallback, rows_of_split
 from wrpo_core.pipeline.publishing import finish_model
@@ -70,6 +72,18 @@ def _rows_callback(job: JobConfig, hooks: TrainingHooks) -> MetricsCallback | No
     return on_row
 
 
+def _trains_elsewhere(cfg: FusionConfig, layout: RunLayout) -> bool:
+    """A launched job on remote storage may run on machines that share no disk with this one: it gets
+    storage URLs of its data and models (fetched and checked there), never paths of this machine."""
+    return cfg.launch is not None and not layout.storage.is_local
+
+
+def _job_table(cfg: FusionConfig, layout: RunLayout, key: str, schema: pa.Schema) -> str:
+    if _trains_elsewhere(cfg, layout):
+        return layout.table_file_url(key, schema)
+    return layout.local_table_file(key, schema)
+
+
 def train_job(stage: Stage, job: JobConfig, hooks: TrainingHooks = NO_HOOKS) -> dict[str, float]:
     """Trains in this process, or as a torchrun / Ray Train job when the config has a `launch` section."""
     folder = Path(job.output_dir)
@@ -92,7 +106,7 @@ def sft(cfg: FusionConfig, layout: RunLayout, hooks: TrainingHooks = NO_HOOKS) -
     pairs = rows_of_split(layout, layout.read_dataset(layout.best_source, BEST_SOURCE), "sft")
     layout.write_dataset(layout.sft_pairs, pairs, BEST_SOURCE)
     job = SFTJobConfig(
-        model=cfg.target.path, revision=cfg.target.revision, data=layout.local_table_file(layout.sft_pairs, BEST_SOURCE),
+        model=cfg.target.path, revision=cfg.target.revision, data=_job_table(cfg, layout, layout.sft_pairs, BEST_SOURCE),
         output_dir=str(layout.model_dir(TARGET_SFT)), trust_remote_code=cfg.target.trust_remote_code,
         training=cfg.sft, launch=cfg.launch,
     )  # fmt: skip
@@ -115,8 +129,10 @@ def wrpo(
     log-probs (e.g. another job's stored file) to skip the reference pass. The model goes to
     `models/<name>` with its lineage card.
     """
+    elsewhere = _trains_elsewhere(cfg, layout)
     job = WRPOJobConfig(
-        model=layout.model(TARGET_SFT), data=data or layout.local_table_file(layout.quadruples, QUADRUPLES),
+        model=layout.model_url(TARGET_SFT) if elsewhere else layout.model(TARGET_SFT),
+        data=data or _job_table(cfg, layout, layout.quadruples, QUADRUPLES),
         output_dir=str(layout.model_dir(name)), trust_remote_code=cfg.target.trust_remote_code,
         training=training or cfg.wrpo, launch=cfg.launch,
     )  # fmt: skip

@@ -3,16 +3,19 @@
 Stands for a production Ray cluster (issue 14): a head node and two worker nodes started with
 `ray start`, each worker in its own mount namespace where the driver's folders (this test's
 tmp_path: the run's local cache, the prompt files) are empty tmpfs mounts, storage on the S3
-server, S3 credentials only in the driver's environment (Ray workers get them by name: ray_env.py).
+server, S3 credentials only in the driver's environment (Ray workers get them by name: ray_env.py),
+and the package's folder empty on the workers too (the driver ships its code: WRPO_SHIP_CODE=1).
 The head has 0 CPUs, so every sampling and scoring actor and every Ray Train worker runs on a node
 that cannot read the driver's disk.
 """
 
 import os
+from pathlib import Path
 
 import pytest
 from ray_nodes import RayNodes, can_hide_folders
 
+import wrpo_core
 from wrpo_core.config import FusionConfig
 from wrpo_core.demo import DEFAULT_CACHE, _write_prompts
 from wrpo_core.pipeline import layout_for
@@ -22,6 +25,8 @@ from wrpo_core.toy.world import build_world
 from wrpo_core.train.ray_train import FINAL_MODEL_DIR
 
 pytestmark = pytest.mark.integration
+PACKAGE = Path(wrpo_core.__file__).parent
+"""The package's folder: empty on the worker nodes, which run the copy the driver ships."""
 
 
 @pytest.fixture()
@@ -35,7 +40,8 @@ def isolated_nodes(tmp_path, s3_server):
                    "AWS_ENDPOINT_URL": s3_server.endpoint}  # fmt: skip
     nodes = RayNodes.start(
         # No credentials on the nodes: the driver's reach actors and training workers by name (ray_env.py).
-        hidden=[tmp_path], env={}, worker_env={"WRPO_CACHE": str(tmp_path / "node-cache")},
+        # Nor this checkout's package: the driver ships it with the job (WRPO_SHIP_CODE=1).
+        hidden=[tmp_path, PACKAGE], env={}, worker_env={"WRPO_CACHE": str(tmp_path / "node-cache")},
         logs=tmp_path.parent / f"{tmp_path.name}-ray-logs",
     )  # fmt: skip
     yield nodes, credentials
@@ -51,7 +57,11 @@ def test_the_flow_completes_on_nodes_that_cannot_read_the_drivers_disk(
     from flows.fusion import fusion
 
     nodes, credentials = isolated_nodes
-    for name, value in {**credentials, "WRPO_CACHE": str(tmp_path / "driver-cache")}.items():
+    for name, value in {
+        **credentials,
+        "WRPO_CACHE": str(tmp_path / "driver-cache"),
+        "WRPO_SHIP_CODE": "1",
+    }.items():
         monkeypatch.setenv(name, value)
     settings = demo_settings(quick=True)
     world = build_world(settings["world"], DEFAULT_CACHE)  # the "hub": every node can read it

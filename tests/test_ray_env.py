@@ -6,8 +6,9 @@ actors and Ray Train workers reach S3 only through these forwarded variables.
 
 import pytest
 
+import wrpo_core
 from wrpo_core.config import LaunchConfig
-from wrpo_core.ray_env import EXTRA_ENV, forwarded_env, forwarded_names
+from wrpo_core.ray_env import EXTRA_ENV, SHIP_CODE_ENV, forwarded_env, forwarded_names, runtime_env
 from wrpo_core.train.ray_train import ray_worker_env
 
 
@@ -35,6 +36,16 @@ def test_ray_train_workers_get_the_forwarded_variables_and_the_launch_env(monkey
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
     env = ray_worker_env(LaunchConfig(launcher="ray", env={"NCCL_DEBUG": "INFO"}))
     assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9000" and env["NCCL_DEBUG"] == "INFO"
+
+
+def test_the_package_is_shipped_only_when_asked(monkeypatch):
+    monkeypatch.delenv(SHIP_CODE_ENV, raising=False)
+    assert "py_modules" not in runtime_env()
+    monkeypatch.setenv(SHIP_CODE_ENV, "1")
+    assert runtime_env()["py_modules"] == [wrpo_core]
+    monkeypatch.setenv(SHIP_CODE_ENV, "yes")
+    with pytest.raises(ValueError, match="WRPO_SHIP_CODE: 'yes' is not 0 or 1"):
+        runtime_env()
 
 
 @pytest.mark.integration

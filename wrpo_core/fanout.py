@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from wrpo_core.config import ComputeConfig, ModelSpec, RewardModelSpec
 from wrpo_core.failures import is_permanent
-from wrpo_core.ray_env import forwarded_env
+from wrpo_core.ray_env import runtime_env
 from wrpo_core.rewards import load_scorer, score_samples
 from wrpo_core.sampling import load_sampler
 from wrpo_core.schemas import SAMPLES, SCORES
@@ -214,14 +214,14 @@ def init_ray(compute: ComputeConfig) -> None:
         if ray.is_initialized():
             return
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        runtime_env = {"env_vars": forwarded_env()}  # credentials and settings by name (ray_env.py)
+        env = runtime_env()  # credentials and settings by name, and the package when shipped (ray_env.py)
         if compute.ray_address:
             ray.init(address=compute.ray_address, ignore_reinit_error=True, log_to_driver=True,
-                     runtime_env=runtime_env)  # fmt: skip
+                     runtime_env=env)  # fmt: skip
         else:
             # "local": never join a cluster that `ray start` left on this machine (its reaper would end it).
             ray.init(address="local", include_dashboard=False, ignore_reinit_error=True, log_to_driver=True,
-                     runtime_env=runtime_env)  # fmt: skip
+                     runtime_env=env)  # fmt: skip
             _started_local_ray = True
             _reaper = _start_reaper(ray.get_runtime_context().get_session_name())
 

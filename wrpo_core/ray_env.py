@@ -49,3 +49,23 @@ def forwarded_names() -> tuple[str, ...]:
 def forwarded_env() -> dict[str, str]:
     """The forwarded variables that are set in this process, with their values (for `runtime_env`)."""
     return {name: os.environ[name] for name in forwarded_names() if name in os.environ}
+
+
+SHIP_CODE_ENV = "WRPO_SHIP_CODE"
+"""Set to 1 to upload this process's `wrpo_core` to the Ray cluster with every job (`py_modules`)."""
+
+
+def runtime_env() -> dict[str, object]:
+    """The `runtime_env` of a Ray job this process starts: the forwarded variables, and with
+    $WRPO_SHIP_CODE=1 this checkout's `wrpo_core` package, which Ray uploads once per content and puts
+    first on the workers' import path (nodes then run the driver's code even when their image holds
+    another version). Off by default: the images hold the package, built from the same commit."""
+    env: dict[str, object] = {"env_vars": forwarded_env()}
+    flag = os.environ.get(SHIP_CODE_ENV, "0").strip()
+    if flag not in ("0", "1", ""):
+        raise ValueError(f"{SHIP_CODE_ENV}: {flag!r} is not 0 or 1")
+    if flag == "1":
+        import wrpo_core
+
+        env["py_modules"] = [wrpo_core]
+    return env

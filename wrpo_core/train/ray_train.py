@@ -25,7 +25,7 @@ from typing import Any
 
 from wrpo_core.config import LaunchConfig, SFTJobConfig, WRPOJobConfig
 from wrpo_core.config.training import planned_world_size
-from wrpo_core.ray_env import forwarded_env
+from wrpo_core.ray_env import forwarded_env, runtime_env
 from wrpo_core.train.checkpoints import FINGERPRINT_FILE
 from wrpo_core.train.jobs import (
     LAUNCHED_ENV,
@@ -125,7 +125,7 @@ def launch_ray(
         # None = a local Ray of this process ("local"), never a cluster `ray start` left on the machine.
         # The forwarded variables reach the train controller too: it opens `storage_path`.
         ray.init(address=launch.ray_address or "local", log_to_driver=on_log is None,
-                 runtime_env={"env_vars": forwarded_env()})  # fmt: skip
+                 runtime_env=runtime_env())  # fmt: skip
     use_gpu = launch.use_gpu if launch.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     events = Queue(actor_options={"num_cpus": 0})
     outcome: dict[str, Any] = {}

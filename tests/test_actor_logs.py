@@ -85,3 +85,30 @@ def test_an_aborting_actor_shows_in_the_prefect_run_log(local_ray, fusion_config
                 break
             time.sleep(0.5)
     assert MARKER in text, text[-3000:]
+
+
+def aborting_train_loop(config):
+    os.write(2, f"{MARKER} (train worker {os.getpid()})\n".encode())
+    os.abort()
+
+
+def test_a_crashed_ray_train_worker_shows_its_last_lines_in_the_job_error(local_ray, tmp_path):
+    """A Ray Train worker that dies in native code: the job's error (hence the stage's and the Prefect
+    log's) carries what it wrote to its stderr, read from Ray's log files."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from wrpo_core.train.ray_train import crashed_workers_output, ray_error_text
+
+    fanout.init_ray(ComputeConfig())
+    trainer = TorchTrainer(
+        aborting_train_loop,
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=False, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(storage_path=str(tmp_path / "ray"), name="abort"),
+    )
+    with pytest.raises(Exception) as caught:
+        trainer.fit()
+    text = ray_error_text(caught.value) + crashed_workers_output(caught.value)
+    assert MARKER in text and "Fatal Python error: Aborted" in text, text
+    assert "the failed worker" in text
+    assert crashed_workers_output(ValueError("a Python error names no worker")) == ""

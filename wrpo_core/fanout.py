@@ -21,7 +21,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -29,6 +28,7 @@ import pyarrow as pa
 from wrpo_core.config import ComputeConfig, ModelSpec, RewardModelSpec
 from wrpo_core.failures import is_permanent
 from wrpo_core.ray_env import runtime_env
+from wrpo_core.ray_logs import actor_output_tail
 from wrpo_core.rewards import load_scorer, score_samples
 from wrpo_core.sampling import load_sampler
 from wrpo_core.schemas import SAMPLES, SCORES
@@ -254,48 +254,6 @@ def actor_options(spec: ModelSpec | None, compute: ComputeConfig) -> dict[str, A
         # vLLM starts one worker per rank inside the group; the actor itself holds no GPU.
         return {"num_cpus": compute.num_cpus_per_actor, "num_gpus": 0, "scheduling_strategy": strategy}
     return {"num_cpus": compute.num_cpus_per_actor, "num_gpus": gpus}
-
-
-def actor_output_tail(actor_id: str | None, lines: int = 20) -> str:
-    """The last `lines` of a dead actor's stderr and stdout (C-level crash output included), for an error.
-
-    Ray keeps a worker's output in `worker-*-<pid>.err/.out` in the logs folder of its node's session.
-    An actor on this machine's node is read from there; on another node through Ray's state API
-    (the cluster's dashboard). Says why when neither can be read.
-    """
-    import ray
-
-    if actor_id is None:
-        return "(no actor id: its output cannot be found)"
-    try:
-        info = ray._private.state.actors(actor_id)
-        pid, node_id = info.get("Pid"), info["Address"]["NodeID"]
-        if node_id == ray.get_runtime_context().get_node_id():
-            folder = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
-            found = [
-                f"{path.name} (last {lines} lines):\n" + "\n".join(_tail(path, lines))
-                for suffix in ("err", "out")
-                for path in sorted(folder.glob(f"worker-*-{pid}.{suffix}"))
-            ]
-            return "\n".join(found) if found else f"(no output files of pid {pid} in {folder})"
-        from ray.util.state import get_log
-
-        webui = ray._private.worker.global_worker.node.address_info.get("webui_url")
-        if not webui:
-            return f"(the actor ran on node {node_id}, and this cluster has no dashboard to read its logs)"
-        text = "".join(
-            get_log(address=f"http://{webui}", actor_id=actor_id, suffix="err", tail=lines, timeout=10)
-        )
-        return f"stderr of pid {pid} on node {node_id} (last {lines} lines):\n{text.rstrip()}"
-    except Exception as error:
-        return f"(its output could not be read: {type(error).__name__}: {error})"
-
-
-def _tail(path: Path, lines: int) -> list[str]:
-    with path.open("rb") as handle:
-        handle.seek(0, os.SEEK_END)
-        handle.seek(max(0, handle.tell() - 64 * 1024))
-        return handle.read().decode("utf-8", errors="replace").splitlines()[-lines:]
 
 
 class ShardError(RuntimeError):

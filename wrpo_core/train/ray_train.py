@@ -26,6 +26,7 @@ from typing import Any
 from wrpo_core.config import LaunchConfig, SFTJobConfig, WRPOJobConfig
 from wrpo_core.config.training import planned_world_size
 from wrpo_core.ray_env import forwarded_env, runtime_env
+from wrpo_core.ray_logs import actor_ids_in, actor_output_tail
 from wrpo_core.train.checkpoints import FINGERPRINT_FILE
 from wrpo_core.train.jobs import (
     LAUNCHED_ENV,
@@ -163,7 +164,10 @@ def launch_ray(
         thread.join()
         ray.kill(events.actor)
     if "error" in outcome:
-        raise TrainingJobError(ray_error_text(outcome["error"]), log_tail=tail) from outcome["error"]
+        error = outcome["error"]
+        raise TrainingJobError(
+            ray_error_text(error) + crashed_workers_output(error), log_tail=tail
+        ) from error
     result = outcome["result"]
     summary = next((row for row in reversed(rows) if "train_runtime" in row), {})
     model_uri = checkpoint_uri(result.checkpoint) if result.checkpoint is not None else None
@@ -185,6 +189,23 @@ def ray_error_text(error: BaseException) -> str:
         return f"{type(failure).__name__}: {failure}"
     lines = str(error).strip().splitlines()
     return lines[-1] if lines else type(error).__name__
+
+
+def crashed_workers_output(error: BaseException, workers: int = 2) -> str:
+    """The last lines of the Ray Train workers a failure names as dead (a C-level crash, an OOM kill).
+
+    Their Python log records reach the driver through the queue while they live; what a dying process
+    writes to its stderr (a native abort, a NCCL or CUDA error) only Ray's log files hold
+    (`ray_logs.actor_output_tail`). Empty when the failure names no worker actor (a Python exception).
+    """
+    ids = actor_ids_in(str(getattr(error, "worker_failures", None) or error))  # WorkerGroupError
+    failure = getattr(error, "controller_failure", None)  # ControllerError: a call to a dead worker
+    if isinstance(getattr(failure, "actor_id", None), str):
+        ids.append(failure.actor_id)
+    ids = list(dict.fromkeys(ids))[:workers]
+    return "".join(
+        f"\nthe failed worker {actor}'s last lines: {actor_output_tail(actor, lines=50)}" for actor in ids
+    )
 
 
 class _QueueLogHandler(logging.Handler):

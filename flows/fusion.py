@@ -27,6 +27,7 @@ from wrpo_core.config import FusionConfig, load_config
 from wrpo_core.config.credentials import credential_fields
 from wrpo_core.fanout import shutdown_local_ray
 from wrpo_core.pipeline import layout_for, pipeline_stages
+from wrpo_core.ray_logs import worker_output_to
 from wrpo_core.registry import open_registry, registered_sources, with_registered_sources
 from wrpo_core.storage import Lease
 
@@ -95,7 +96,8 @@ def fusion(
     futures: dict[str, Any] = {}
     previous: list[Any] = []
     # One lease for the whole flow run (its tasks do not take it): another run of this folder is refused.
-    with Lease(layout.storage, purpose=f"flow run of {cfg.run_name}"):
+    # What Ray's actors and training workers print (stderr and crash output too) goes to this run's log.
+    with Lease(layout.storage, purpose=f"flow run of {cfg.run_name}"), worker_output_to(logger.info):
         for stage in plan:
             after = [futures[name] for name in stage.after] if concurrent else previous
             futures[stage.name] = run_fusion_stage.submit(cfg, stage.name, reuse_other_runs, wait_for=after)

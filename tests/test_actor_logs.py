@@ -112,3 +112,44 @@ def test_a_crashed_ray_train_worker_shows_its_last_lines_in_the_job_error(local_
     assert MARKER in text and "Fatal Python error: Aborted" in text, text
     assert "the failed worker" in text
     assert crashed_workers_output(ValueError("a Python error names no worker")) == ""
+
+
+SPOKEN = "wrpo-test: a line an actor printed"
+
+
+class SpeakingWorker(SamplingWorker):
+    """A sampling actor that prints a line to stdout and one to stderr, then samples as usual."""
+
+    def run(self, shard):
+        print(f"{SPOKEN} on stdout", flush=True)
+        os.write(2, f"{SPOKEN} on stderr\n".encode())
+        return super().run(shard)
+
+
+def test_what_actors_print_reaches_the_fusion_flows_run_log(local_ray, fusion_config, monkeypatch):
+    """Not only crashes: an actor's ordinary stdout and stderr lines show in the flow run's Prefect log."""
+    pytest.importorskip("prefect")
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    from flows.fusion import fusion
+
+    monkeypatch.setattr(fanout, "SamplingWorker", SpeakingWorker)
+    data = fusion_config.model_dump(mode="json")
+    data["compute"] |= {"executor": "ray", "num_actors": 1}
+    state = fusion(type(fusion_config).model_validate(data), return_state=True)
+    assert state.is_completed(), state
+    with get_client(sync_client=True) as client:
+        deadline = time.monotonic() + 20
+        while True:  # logs are sent in batches
+            logs = client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+            )
+            text = "\n".join(log.message for log in logs)
+            if (
+                f"{SPOKEN} on stderr" in text and f"{SPOKEN} on stdout" in text
+            ) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    assert f"{SPOKEN} on stdout" in text and f"{SPOKEN} on stderr" in text, text[-3000:]
+    assert "(SpeakingWorker pid=" in text

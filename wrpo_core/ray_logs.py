@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import os
 import re
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 _ACTOR_IN_TEXT = re.compile(r"Actor\(\w+, ([0-9a-f]{32})\)")
@@ -60,3 +63,34 @@ def _tail(path: Path, lines: int) -> list[str]:
         handle.seek(0, os.SEEK_END)
         handle.seek(max(0, handle.tell() - 64 * 1024))
         return handle.read().decode("utf-8", errors="replace").splitlines()[-lines:]
+
+
+@contextmanager
+def worker_output_to(on_line: Callable[[str], None]) -> Iterator[None]:
+    """Sends every line Ray's workers print (stdout and stderr, prefixed as `ray job logs` shows them)
+    to `on_line` while the block runs: the flow puts them in its Prefect run log.
+
+    Ray delivers them to a driver connected with `log_to_driver` (fanout.init_ray's); a connection made
+    inside the block counts too. A failing `on_line` never stops Ray's log thread.
+    """
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:  # no Ray installed: there are no Ray workers whose output to forward
+        yield
+        return
+    name = f"wrpo-worker-output-{id(on_line)}-{threading.get_ident()}"
+
+    def forward(data: dict) -> None:
+        who = data.get("actor_name") or data.get("task_name") or "worker"
+        prefix = f"({who} pid={data.get('pid')}, ip={data.get('ip')})"
+        for line in data.get("lines", ()):
+            try:
+                on_line(f"{prefix} {line}")
+            except Exception:  # a logging failure must not kill Ray's log thread
+                return
+
+    dispatcher.add_handler(name, forward)
+    try:
+        yield
+    finally:
+        dispatcher.remove_handler(name)

@@ -112,6 +112,11 @@ def _free_bytes(path: str) -> str:
 # --- storage ------------------------------------------------------------------------------------
 
 
+def cache_root() -> Path:
+    """This machine's working folder for wrpo-fusion: $WRPO_CACHE, default ~/.cache/wrpo-fusion."""
+    return Path(os.environ.get("WRPO_CACHE", Path.home() / ".cache" / "wrpo-fusion"))
+
+
 class StorageAccess(NamedTuple):
     """How another process opens the same storage: the URL and the options as configured.
 

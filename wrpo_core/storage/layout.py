@@ -27,7 +27,6 @@ import fnmatch
 import hashlib
 import json
 import logging
-import os
 import re
 import time
 import uuid
@@ -42,7 +41,7 @@ import pyarrow.parquet as pq
 
 from wrpo_core.schemas import DataError, conform, schema_fingerprint, schema_name
 from wrpo_core.storage.errors import ManifestError, StorageError
-from wrpo_core.storage.filesystem import Storage
+from wrpo_core.storage.filesystem import Storage, cache_root
 from wrpo_core.storage.keys import safe_key, safe_name
 from wrpo_core.storage.model_folders import SUMS_FILE, sums_text
 from wrpo_core.storage.options import BlockLoader
@@ -68,7 +67,7 @@ class StageRecord:
 
 def default_cache_dir(storage: Storage) -> Path:
     """Local working folder of a run on remote storage: $WRPO_CACHE (or ~/.cache/wrpo-fusion)/runs/..."""
-    base = Path(os.environ.get("WRPO_CACHE", Path.home() / ".cache" / "wrpo-fusion"))
+    base = cache_root()
     tail = re.sub(r"[^A-Za-z0-9._-]", "_", storage.root.rsplit("/", 1)[-1])[:40]
     return base / "runs" / f"{tail}-{digest(storage.url_of())[:10]}"
 

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import os
 import re
 from pathlib import Path
 
 from wrpo_core.storage.errors import StorageError
-from wrpo_core.storage.filesystem import Storage
+from wrpo_core.storage.filesystem import Storage, cache_root
 from wrpo_core.storage.provenance import digest, file_sha256
 
 logger = logging.getLogger(__name__)
@@ -64,12 +63,12 @@ def model_folder_identity(url: str) -> dict[str, str]:
     return {"url": url, "sha256sums": digest(_read_sums(Storage.open(url), url))}
 
 
-def fetch_model_folder(url: str, cache_root: Path | None = None) -> Path:
+def fetch_model_folder(url: str, cache: Path | None = None) -> Path:
     """This machine's verified copy of the model folder at `url` (downloaded when missing or stale)."""
     storage = Storage.open(url)
     text = _read_sums(storage, url)
     sums = parse_sums(text, f"{url}/{SUMS_FILE}")
-    root = cache_root or Path(os.environ.get("WRPO_CACHE", Path.home() / ".cache" / "wrpo-fusion"))
+    root = cache or cache_root()
     tail = re.sub(r"[^A-Za-z0-9._-]", "_", url.rstrip("/").rsplit("/", 1)[-1])[:40]
     target = root / "models" / f"{tail}-{digest(url)[:12]}"
     target.mkdir(parents=True, exist_ok=True)

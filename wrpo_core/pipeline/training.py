@@ -78,10 +78,8 @@ def _trains_elsewhere(cfg: FusionConfig, layout: RunLayout) -> bool:
     return cfg.launch is not None and not layout.storage.is_local
 
 
-def _job_table(cfg: FusionConfig, layout: RunLayout, key: str, schema: pa.Schema) -> str:
-    if _trains_elsewhere(cfg, layout):
-        return layout.table_file_url(key, schema)
-    return layout.local_table_file(key, schema)
+def _job_table(layout: RunLayout, key: str, schema: pa.Schema, *, elsewhere: bool) -> str:
+    return layout.table_file_url(key, schema) if elsewhere else layout.local_table_file(key, schema)
 
 
 def train_job(stage: Stage, job: JobConfig, hooks: TrainingHooks = NO_HOOKS) -> dict[str, float]:
@@ -105,8 +103,9 @@ def sft(cfg: FusionConfig, layout: RunLayout, hooks: TrainingHooks = NO_HOOKS) -
     """Target-SFT on (x, y_ws) of the SFT prompts; the model goes to `models/target-sft`."""
     pairs = rows_of_split(layout, layout.read_dataset(layout.best_source, BEST_SOURCE), "sft")
     layout.write_dataset(layout.sft_pairs, pairs, BEST_SOURCE)
+    data = _job_table(layout, layout.sft_pairs, BEST_SOURCE, elsewhere=_trains_elsewhere(cfg, layout))
     job = SFTJobConfig(
-        model=cfg.target.path, revision=cfg.target.revision, data=_job_table(cfg, layout, layout.sft_pairs, BEST_SOURCE),
+        model=cfg.target.path, revision=cfg.target.revision, data=data,
         output_dir=str(layout.model_dir(TARGET_SFT)), trust_remote_code=cfg.target.trust_remote_code,
         training=cfg.sft, launch=cfg.launch,
     )  # fmt: skip
@@ -132,7 +131,7 @@ def wrpo(
     elsewhere = _trains_elsewhere(cfg, layout)
     job = WRPOJobConfig(
         model=layout.model_url(TARGET_SFT) if elsewhere else layout.model(TARGET_SFT),
-        data=data or _job_table(cfg, layout, layout.quadruples, QUADRUPLES),
+        data=data or _job_table(layout, layout.quadruples, QUADRUPLES, elsewhere=elsewhere),
         output_dir=str(layout.model_dir(name)), trust_remote_code=cfg.target.trust_remote_code,
         training=training or cfg.wrpo, launch=cfg.launch,
     )  # fmt: skip

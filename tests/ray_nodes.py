@@ -79,7 +79,6 @@ class RayNodes:
         nodes._wait_for_nodes(1, timeout)
         for index in range(workers):
             mounts = " && ".join(f"mount -t tmpfs tmpfs {shlex.quote(str(folder))}" for folder in hidden)
-            folders = " ".join(shlex.quote(v) for k, v in worker_env.items() if k == "WRPO_CACHE")
             # Nodes on one machine need ports of their own (the agents' defaults are fixed numbers).
             agent, grpc, runtime_env, metrics, manager, objects = free_ports(6)
             start = shlex.join([RAY, "start", "--block", f"--address={nodes.address}", f"--num-cpus={cpus_per_worker}",
@@ -87,7 +86,9 @@ class RayNodes:
                                 f"--dashboard-agent-grpc-port={grpc}", f"--runtime-env-agent-port={runtime_env}",
                                 f"--metrics-export-port={metrics}", f"--node-manager-port={manager}",
                                 f"--object-manager-port={objects}"])  # fmt: skip
-            script = f"{mounts} && mkdir -p {folders} && exec {start}"
+            cache = worker_env.get("WRPO_CACHE")  # inside a hidden folder: the node's own, created empty
+            steps = [mounts, *([f"mkdir -p {shlex.quote(cache)}"] if cache else []), f"exec {start}"]
+            script = " && ".join(step for step in steps if step)
             worker = ["unshare", "-m", "--propagation", "private", "sh", "-c", script]
             nodes._spawn(f"worker-{index}", worker, {**env, **worker_env})
             nodes._wait_for_nodes(2 + index, timeout)

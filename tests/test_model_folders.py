@@ -14,7 +14,7 @@ import pytest
 from wrpo_core.locations import resolve_model_location
 from wrpo_core.models import model_identity
 from wrpo_core.schemas import PROMPTS
-from wrpo_core.storage import RunLayout, Storage, StorageError
+from wrpo_core.storage import RunLayout, Storage, StorageError, digest
 from wrpo_core.storage.model_folders import (
     SUMS_FILE,
     fetch_model_folder,
@@ -64,8 +64,9 @@ def test_each_machine_fetches_its_own_checked_copy_and_reuses_it(tmp_path):
     stamp = (node_a / "model.safetensors").stat().st_mtime_ns
     assert fetch_model_folder(url, tmp_path / "node-a") == node_a  # reused, not downloaded again
     assert (node_a / "model.safetensors").stat().st_mtime_ns == stamp
-    # The same identity on the driver (no download) and on every machine.
-    assert model_identity(url) == model_identity(url) and model_identity(url)["url"] == url
+    # Identified by its sums, read from storage (no download), the same on every machine.
+    sums = Storage.open(url).read_bytes(SUMS_FILE).decode()
+    assert model_identity(url) == {"url": url, "sha256sums": digest(sums)}
 
 
 def test_loaders_resolve_a_model_url_to_this_machines_cache(tmp_path, monkeypatch):

@@ -18,15 +18,21 @@ PROMPTS = ["reverse: abc", "add: 1+2", "upper: dog", "a much longer prompt " * 3
 RESPONSES = ["cba", "3", "DOG!", "x" * 40]
 
 
+def save_classifier(tokenizer, path, seed: int | None = None) -> str:
+    """A tiny random Llama sequence classifier (one label; weights from `seed`, default 0) and `tokenizer`."""
+    config = tiny_llama_config(tokenizer)
+    config.num_labels = 1
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0 if seed is None else seed)
+        model = LlamaForSequenceClassification(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def classifier_dir(toy_tokenizer, tmp_path_factory):
-    config = tiny_llama_config(toy_tokenizer)
-    config.num_labels = 1
-    model = LlamaForSequenceClassification(config)
-    path = tmp_path_factory.mktemp("rm")
-    model.save_pretrained(path)
-    toy_tokenizer.save_pretrained(path)
-    return str(path)
+    return save_classifier(toy_tokenizer, tmp_path_factory.mktemp("rm"))
 
 
 def test_scores_do_not_depend_on_batch_size(classifier_dir):
@@ -90,12 +96,7 @@ def test_reward_model_loads_at_its_revision(classifier_dir, toy_tokenizer, tmp_p
 
     from wrpo_core.toy.families import add_to_hub_cache
 
-    config = tiny_llama_config(toy_tokenizer)
-    config.num_labels = 1
-    other = LlamaForSequenceClassification(config)
-    other_dir = tmp_path / "other"
-    other.save_pretrained(other_dir)
-    toy_tokenizer.save_pretrained(other_dir)
+    other_dir = save_classifier(toy_tokenizer, tmp_path / "other", seed=7)  # other weights
     add_to_hub_cache(classifier_dir, tmp_path / "hub", "org/rm", commit="a" * 40, refs=("main",))
     add_to_hub_cache(other_dir, tmp_path / "hub", "org/rm", commit="b" * 40, refs=("v2",))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
@@ -128,15 +129,7 @@ def test_pad_id_is_the_dedicated_pad_when_free_else_the_highest_free_id():
 def eos_in_text_classifier_dir(tmp_path_factory):
     """A Llama classifier whose tokenizer has no pad and whose EOS (<|eot_id|>) ends every chat turn."""
     tokenizer = build_family_tokenizer(dataclasses.replace(FAMILIES["llama3"], eos_token="<|eot_id|>"))
-    config = tiny_llama_config(tokenizer)
-    config.num_labels = 1
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
-        model = LlamaForSequenceClassification(config)
-    path = tmp_path_factory.mktemp("rm_eos")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return save_classifier(tokenizer, tmp_path_factory.mktemp("rm_eos"), seed=1)
 
 
 def test_batched_scores_read_the_last_real_token_when_eos_is_in_the_text(eos_in_text_classifier_dir):

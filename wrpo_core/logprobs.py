@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from wrpo_core.packing import PACKED_KEY, packed_logps
 from wrpo_core.tokenization import IGNORE_INDEX
 
 
@@ -27,10 +28,14 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 def grouped_logps(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], group: int = 3
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs and token counts of a response-major batch, reshaped to (examples, group).
+    """Log-probs and token counts of a WRPO batch, shape (examples, group): columns [y_ws, y_wt, y_l].
 
-    For WRPO batches from `ResponseCollator` the columns are [y_ws, y_wt, y_l].
+    A response-major batch (`ResponseCollator`, one row per response) is scored row by row and
+    reshaped; a packed batch (`packing.PackedResponseCollator`, one row per example, the prompt
+    once) goes to `packing.packed_logps`. Both give the same values up to float rounding.
     """
+    if PACKED_KEY in batch:
+        return packed_logps(model, batch, group)
     logits = model(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
     ).logits

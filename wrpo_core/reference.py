@@ -25,8 +25,9 @@ from transformers import PreTrainedTokenizerBase
 
 from wrpo_core.logprobs import grouped_logps
 from wrpo_core.models import model_identity
+from wrpo_core.packing import PackedResponseCollator, choose_collator, packed_length
 from wrpo_core.storage.provenance import digest
-from wrpo_core.tokenization import ResponseCollator, end_of_turn_id
+from wrpo_core.tokenization import end_of_turn_id
 
 logger = logging.getLogger(__name__)
 
@@ -109,18 +110,26 @@ def compute_reference_logps(
     device: torch.device | str | None = None,
     autocast_dtype: torch.dtype | None = None,
     progress: bool = True,
+    pack_prompt: bool = True,
 ) -> np.ndarray:
     """Summed reference log-probs of [y_ws, y_wt, y_l] for every example, shape (rows, 3).
 
     Examples are batched longest-first so padding is minimal; results come back in row order.
     `autocast_dtype` (e.g. bf16) should match the policy's mixed precision during training, so
-    that the implicit rewards start at exactly zero.
+    that the implicit rewards start at exactly zero. `pack_prompt` encodes each prompt once for
+    its responses (`wrpo_core.packing`) when the model supports it (else logged, and one row per
+    response); the values agree with the unpacked pass up to float rounding.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval()
-    collate = ResponseCollator(pad_token_id=pad_token_id)
     prompt_ids, response_ids = list(dataset["prompt_ids"]), list(dataset["response_ids"])  # decoded once
-    lengths = [len(p) + max(len(r) for r in rs) for p, rs in zip(prompt_ids, response_ids, strict=True)]
+    examples = list(zip(prompt_ids, response_ids, strict=True))
+    longest = max((len(p) + max(map(len, rs)) for p, rs in examples), default=0)  # one row, unpacked
+    collate = choose_collator(
+        [model], pad_token_id=pad_token_id, pack=pack_prompt, max_length=longest, where="reference log-probs"
+    )
+    packed = isinstance(collate, PackedResponseCollator)
+    lengths = [packed_length(p, rs) if packed else len(p) + max(map(len, rs)) for p, rs in examples]
     order = np.argsort(-np.asarray(lengths), kind="stable")
     result = np.empty((len(dataset), 3), dtype=np.float64)
     for start in tqdm(range(0, len(order), batch_size), desc="reference log-probs", disable=not progress):

@@ -242,6 +242,16 @@ class WRPOConfig(_TrainingHyperparameters):
         description="Compute reference log-probs once and store them with the quadruples, so training "
         "holds only the policy; False re-runs the reference model every step as the authors' trainer does.",
     )
+    pack_prompt: bool = Field(
+        default=True,
+        description="Encode each prompt once for its three responses: one sequence [prompt, y_ws, y_wt, y_l] "
+        "per example, each response attending to the prompt and itself only, with its own positions, in the "
+        "reference pass and in training. The log-probs, loss and gradients are those of one sequence per "
+        "response up to float rounding, from fewer tokens. Needs a built-in Llama, Mistral, Qwen2/3, Gemma-2 "
+        "or Phi-3 model with eager or sdpa attention and no sliding window shorter than max_length; otherwise "
+        "it is turned off with a logged reason. False = one sequence per response, the prompt encoded three "
+        "times (the authors' way).",
+    )
 
     @field_validator("alpha_schedule")
     @classmethod

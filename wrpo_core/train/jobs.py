@@ -122,10 +122,13 @@ def inside_launched_job() -> bool:
 # --- a job's identity ---------------------------------------------------------------------------
 
 RESULT_NEUTRAL_SETTINGS = frozenset(
-    {"logging_steps", "save_steps", "save_total_limit", "gradient_checkpointing", "deepspeed", "report_to"}
-)
-"""Training settings left out of the fingerprint: when to log and save, where metrics also go, and
-recomputing activations do not change the weights (the DeepSpeed config enters by its content, not its path)."""
+    {"logging_steps", "save_steps", "save_total_limit", "gradient_checkpointing", "deepspeed", "report_to",
+     "pack_prompt"}
+)  # fmt: skip
+"""Training settings left out of the fingerprint: when to log and save, where metrics also go,
+recomputing activations and encoding a prompt once for its three responses (equal log-probs within
+float tolerance, tests/test_packing.py) do not change the weights (the DeepSpeed config enters by
+its content, not its path)."""
 
 
 def data_identity(url: str) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from wrpo_core.objectives import (
     wrpo_loss,
     wrpo_simpo_loss,
 )
+from wrpo_core.packing import choose_collator
 from wrpo_core.reference import (
     REFERENCE_FILE,
     attach_reference,
@@ -40,7 +41,7 @@ from wrpo_core.reference import (
     stored_reference,
 )
 from wrpo_core.schemas import QUADRUPLES, read_parquet, write_parquet
-from wrpo_core.tokenization import ResponseCollator, TokenizeReport, encode_example, end_of_turn_id
+from wrpo_core.tokenization import TokenizeReport, encode_example, end_of_turn_id
 from wrpo_core.train.common import (
     JsonlMetricsCallback,
     bf16_default,
@@ -89,8 +90,10 @@ def _is_dropout_rate(name: str, value: object) -> bool:
 class WRPOTrainer(Trainer):
     """Trainer whose loss is WRPO (or its SimPO / IPO variants) with the alpha schedule.
 
-    Batches come from `ResponseCollator` over examples with three responses; `ref_logps`
-    (batch, 3) must be in the batch unless a `ref_model` is given or the loss is SimPO.
+    Batches come from `ResponseCollator` (one row per response) or, with shared-prompt packing,
+    `packing.PackedResponseCollator` (one row per example) over examples with three responses;
+    `grouped_logps` scores either. `ref_logps` (batch, 3) must be in the batch unless a
+    `ref_model` is given or the loss is SimPO.
     """
 
     loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
@@ -293,6 +296,7 @@ def prepare_reference(
         pad_token_id=tokenizer.pad_token_id,
         batch_size=2 * hp.per_device_train_batch_size,
         autocast_dtype=autocast_dtype,
+        pack_prompt=hp.pack_prompt,
     )
     del model
     Path(job.output_dir).mkdir(parents=True, exist_ok=True)
@@ -311,16 +315,22 @@ def build_wrpo_trainer(
 
     The policy loads in `policy_load_dtype` (fp32 master weights unless DeepSpeed keeps its own: a
     bf16 checkpoint updated in bf16 at lr 3e-7 would barely move) and trains with dropout off.
+    Batches are packed (`wrpo_core.packing`) when `pack_prompt` is set and the policy (and the
+    on-the-fly reference) support it; otherwise one row per response, with the reason logged.
     """
     policy = load_causal_lm(
         job.model, trust_remote_code=job.trust_remote_code, dtype=policy_load_dtype(job.training)
     )
     disable_dropout(policy)
+    collator = choose_collator(
+        [policy, ref_model], pad_token_id=tokenizer.pad_token_id, pack=job.training.pack_prompt,
+        max_length=job.training.max_length, where="WRPO training",
+    )  # fmt: skip
     return trainer_class(
         model=policy,
         args=training_arguments(job.training, job.output_dir),
         train_dataset=dataset,
-        data_collator=ResponseCollator(pad_token_id=tokenizer.pad_token_id),
+        data_collator=collator,
         processing_class=tokenizer,
         callbacks=[JsonlMetricsCallback(f"{job.output_dir}/{METRICS_FILE}")],
         wrpo=job.training,

@@ -9,7 +9,16 @@ import torch
 from transformers import LlamaForSequenceClassification
 
 from wrpo_core.config import RewardModelSpec
-from wrpo_core.rewards import SequenceClassifierScorer, ToyVerifierScorer, choose_pad_id, score_samples
+from wrpo_core.rewards import (
+    SequenceClassifierScorer,
+    ToyVerifierScorer,
+    choose_pad_id,
+    length_classes,
+    prefix_batches,
+    score_samples,
+    shared_prefix_length,
+    shares_prefixes,
+)
 from wrpo_core.schemas import DataError
 from wrpo_core.toy.families import FAMILIES, build_family_tokenizer
 from wrpo_core.toy.tiny_models import tiny_llama_config
@@ -168,3 +177,99 @@ def test_batched_scores_read_the_last_real_token_when_eos_is_in_the_text(eos_in_
             for t in four._texts(prompts, responses)
         ]
     assert all(abs(x - y) > 1e-4 for x, y in zip(at_eos, reference, strict=True))
+
+
+def whole_conversation_scores(scorer: SequenceClassifierScorer, prompts, responses) -> list[float]:
+    """Independent reference: each conversation alone, unpadded, pad_token_id None (the last token's logit)."""
+    model = scorer.model
+    saved, model.config.pad_token_id = model.config.pad_token_id, None
+    try:
+        with torch.inference_mode():
+            return [
+                float(model(input_ids=torch.tensor([ids])).logits[0, 0])
+                for ids in scorer.tokenizer(
+                    scorer._texts(prompts, responses),
+                    add_special_tokens=False,
+                    truncation=True,
+                    max_length=scorer.max_length,
+                )["input_ids"]
+            ]
+    finally:
+        model.config.pad_token_id = saved
+
+
+def test_a_prompts_shared_prefix_is_run_once_and_scores_like_whole_conversations(classifier_dir):
+    """Four prompts x several responses (one prompt alone, one response twice), batches of 5 conversations."""
+    prompts = ["reverse: abcdef"] * 4 + ["add: 12+30"] * 3 + ["upper: dog"] + ["a longer prompt " * 3] * 4
+    responses = [
+        "fedcba",
+        "f",
+        "fedcba" * 4,
+        "fedcba",
+        "42",
+        "4",
+        "42 is the sum",
+        "DOG",
+        "x",
+        "y" * 30,
+        "zz",
+        "x",
+    ]
+    scorer = SequenceClassifierScorer(RewardModelSpec(path=classifier_dir, batch_size=5), progress=False)
+    assert scorer.shares_prefixes
+    embedded = []
+    hook = scorer.model.get_input_embeddings().register_forward_hook(
+        lambda module, args, out: embedded.append(int((args[0] != scorer.pad_token_id).sum()))
+    )
+    try:
+        shared = scorer.score(prompts, responses)
+    finally:
+        hook.remove()
+    reference = whole_conversation_scores(scorer, prompts, responses)
+    assert shared == pytest.approx(reference, abs=1e-5)
+    whole = sum(len(ids) for ids in scorer.tokenizer(scorer._texts(prompts, responses))["input_ids"])
+    assert (
+        sum(embedded) < 0.75 * whole
+    )  # the prompts' tokens went through the model once per batch, not per row
+
+
+def test_shared_prefixes_with_conversations_cut_from_the_left(classifier_dir):
+    prompts = ["q" * 30 + "tail"] * 3 + ["short"] * 2
+    responses = ["abc", "abcdefgh" * 3, "z", "1", "22"]
+    scorer = SequenceClassifierScorer(
+        RewardModelSpec(path=classifier_dir, batch_size=8, max_length=24), progress=False
+    )
+    assert scorer.score(prompts, responses) == pytest.approx(
+        whole_conversation_scores(scorer, prompts, responses), abs=1e-5
+    )
+
+
+def test_shared_prefix_length_leaves_every_row_a_token():
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert shared_prefix_length([[1, 2], [1, 2]]) == 1  # identical rows: the last token stays each row's own
+    assert shared_prefix_length([[7, 1], [8, 1]]) == 0
+
+
+def test_prefix_batches_keep_a_prompts_conversations_together():
+    encoded = [[1, 2, 3, 9], [5, 6], [1, 2, 3, 8, 8], [5, 7], [4]]
+    batches = prefix_batches(encoded, ["a", "b", "a", "b", "c"], batch_size=3)
+    assert sorted(sorted(b) for b in batches) == [[(0, 3), (2, 3)], [(1, 1), (3, 1), (4, 0)]]
+    assert sorted(i for b in batches for i, _ in b) == [0, 1, 2, 3, 4] and all(len(b) <= 3 for b in batches)
+
+
+def test_only_transformers_own_classifiers_share_prefixes(toy_tokenizer):
+    """Custom code (ArmoRM's pools and gates on positions of the whole conversation) is scored whole."""
+    config = tiny_llama_config(toy_tokenizer)
+    config.num_labels = 1
+
+    class CustomClassifier(LlamaForSequenceClassification):
+        pass
+
+    assert shares_prefixes(LlamaForSequenceClassification(config))
+    assert not shares_prefixes(CustomClassifier(config))
+
+
+def test_length_classes_keep_padding_under_half_of_each_pass():
+    lengths = [3, 40, 21, 19, 10, 41, 1]
+    assert length_classes(lengths) == [[5, 1, 2], [3, 4], [0], [6]]  # 41 40 21 | 19 10 | 3 | 1
+    assert length_classes([5, 5, 5]) == [[0, 1, 2]]

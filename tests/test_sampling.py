@@ -81,11 +81,27 @@ def test_empty_prompt_skipped_and_long_prompt_truncated(model, toy_tokenizer):
 
 
 def test_top_p_keeps_only_the_nucleus():
+    """0.6 + 0.3 reaches 0.8: only tokens 0 and 1 are ever forced, over 200 generated positions."""
     scores = torch.log(torch.tensor([[0.6, 0.3, 0.05, 0.05]]))
-    generator = torch.Generator().manual_seed(0)
-    processor = PerRowSampling([generator], temperature=1.0, top_p=0.8)
-    drawn = {int(processor(None, scores).argmax()) for _ in range(200)}
+    processor = PerRowSampling([sample_seed(0, "m", "p", 0)], temperature=1.0, top_p=0.8, prompt_width=3)
+    drawn = {
+        int(processor(torch.zeros((1, 3 + step), dtype=torch.long), scores).argmax()) for step in range(200)
+    }
     assert drawn == {0, 1}
+
+
+def test_a_sample_is_the_same_alone_or_among_other_prompts(model, toy_tokenizer):
+    alone, _ = sampler(model, toy_tokenizer, batch_size=5).sample(IDS[2:3], PROMPTS[2:3])
+    among, _ = sampler(model, toy_tokenizer, batch_size=5).sample(IDS, PROMPTS)
+    assert rows(alone) == [r for r in rows(among) if r[0] == IDS[2]]
+    assert len({text for _, _, text, _ in rows(alone)}) > 1
+
+
+def test_shared_prompt_prefill_samples_like_one_sample_per_prompt(model, toy_tokenizer):
+    """n = 3 runs each prompt once and copies its KV cache to 3 rows; n = 1 lets generate prefill: same tokens."""
+    three, _ = sampler(model, toy_tokenizer, batch_size=5, n=3).sample(IDS, PROMPTS)
+    one, _ = sampler(model, toy_tokenizer, batch_size=5, n=1).sample(IDS, PROMPTS)
+    assert rows(one) == [r for r in rows(three) if r[1] == 0]
 
 
 def test_vllm_sampler_up_to_the_engine_call(toy_tokenizer, monkeypatch):
@@ -199,3 +215,14 @@ def test_vllm_requests_fit_the_engines_max_model_len(toy_tokenizer, monkeypatch)
     lengths = [len(p["prompt_token_ids"]) for p in engine.prompts]
     assert max(lengths) == 64 and report.prompts_truncated == 1  # half of 128 kept for the response
     assert [p.max_tokens for p in engine.params] == [128 - n for n in lengths]
+
+
+def test_a_model_naming_its_own_cache_is_prefilled_by_generate(model, toy_tokenizer):
+    """generate refuses a given cache next to generation_config.cache_implementation: no shared prefill then."""
+    shared, _ = sampler(model, toy_tokenizer, batch_size=5).sample(IDS, PROMPTS)
+    model.generation_config.cache_implementation = "dynamic"
+    try:
+        own, _ = sampler(model, toy_tokenizer, batch_size=5).sample(IDS, PROMPTS)
+    finally:
+        model.generation_config.cache_implementation = None
+    assert rows(own) == rows(shared)

@@ -9,10 +9,12 @@ missing is a permanent error). Tokenizer and model are loaded at the spec's `rev
 
 from __future__ import annotations
 
+import copy
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import pyarrow as pa
 import torch
@@ -21,6 +23,9 @@ from tqdm.auto import tqdm
 from wrpo_core.config import RewardModelSpec
 from wrpo_core.remote_code import check_remote_code, remote_code_import_error
 from wrpo_core.schemas import SCORES, DataError, conform
+
+if TYPE_CHECKING:
+    from transformers import DynamicCache
 
 
 class RewardScorer(Protocol):
@@ -62,12 +67,106 @@ def choose_pad_id(
     return free
 
 
+def shared_prefix_length(rows: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all `rows` share, leaving every row at least one token of its own."""
+    shortest = min(len(row) for row in rows)
+    for i in range(shortest - 1):
+        if any(row[i] != rows[0][i] for row in rows):
+            return i
+    return max(shortest - 1, 0)
+
+
+def prefix_batches(
+    encoded: Sequence[Sequence[int]], prompts: Sequence[str], batch_size: int
+) -> list[list[tuple[int, int]]]:
+    """Batches of (conversation index, shared prefix length) that keep a prompt's conversations together.
+
+    Conversations of one prompt (up to `batch_size` at a time) form a unit whose common leading
+    tokens (`shared_prefix_length`: the chat-templated prompt) go through the model once per batch;
+    a unit of one conversation shares nothing (length 0). Units are sorted longest prefix, then
+    longest remainder, first (little padding in either pass) and packed into batches of at most
+    `batch_size` conversations.
+    """
+    by_prompt: dict[str, list[int]] = {}
+    for index, prompt in enumerate(prompts):
+        by_prompt.setdefault(prompt, []).append(index)
+    units: list[tuple[int, int, list[int]]] = []
+    for indices in by_prompt.values():
+        for start in range(0, len(indices), batch_size):
+            part = indices[start : start + batch_size]
+            prefix = shared_prefix_length([encoded[i] for i in part]) if len(part) > 1 else 0
+            units.append((prefix, max(len(encoded[i]) for i in part) - prefix, part))
+    units.sort(key=lambda unit: (unit[1], unit[0]), reverse=True)
+    batches: list[list[tuple[int, int]]] = [[]]
+    for prefix, _, part in units:
+        if len(batches[-1]) + len(part) > batch_size:
+            batches.append([])
+        batches[-1].extend((i, prefix) for i in part)
+    return [batch for batch in batches if batch]
+
+
+def length_classes(lengths: Sequence[int]) -> list[list[int]]:
+    """Indices of `lengths`, longest first, cut wherever a length falls below half its class's longest.
+
+    Each class is one padded pass, so padding stays under half of any pass however unequal the
+    lengths, in at most log2(longest / shortest) + 1 passes.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    classes: list[list[int]] = []
+    for i in order:
+        if not classes or 2 * lengths[i] < lengths[classes[-1][0]]:
+            classes.append([])
+        classes[-1].append(i)
+    return classes
+
+
+def right_padded(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids right-padded with `pad` to the longest row, and the attention mask (1 on real tokens)."""
+    width = max(len(row) for row in rows)
+    ids = torch.tensor([[*row, *[pad] * (width - len(row))] for row in rows], dtype=torch.long)
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], dtype=torch.long)
+    return ids, mask
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The keyword a model's forward takes its KV cache under: `past_key_values` (transformers 5.20), else `cache`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def shares_prefixes(model: torch.nn.Module) -> bool:
+    """Whether `model` can score a batch's shared prompt prefixes once, through its KV cache.
+
+    Only transformers' own sequence classifiers (`GenericForSequenceClassification`: they pool at
+    the last non-pad token of `input_ids`) whose cache is plain full-attention `DynamicLayer`s.
+    Custom code (ArmoRM reads positions in the whole conversation) and sliding-window or
+    linear-attention models are scored whole.
+    """
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+    from transformers.modeling_layers import GenericForSequenceClassification
+
+    if not isinstance(model, GenericForSequenceClassification):
+        return False
+    if not type(model).__module__.startswith("transformers."):
+        return False
+    layers = DynamicCache(config=model.config).layers
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
 class SequenceClassifierScorer:
     """A Hugging Face sequence classifier scoring the chat-templated [user, assistant] conversation.
 
     Batched longest-first to minimise padding. Conversations longer than `max_length` tokens are
     truncated from the LEFT, so the response (what is judged) is kept whole and the start of the
     prompt goes first. Uses the model's `score` output when it has one (ArmoRM), else logit 0.
+
+    With `batch_size` > 1 and a transformers-native classifier (`shares_prefixes`), a prompt's
+    conversations share a batch and their common leading tokens (the templated prompt) go through
+    the model once (`prefix_batches`): a first pass fills a KV cache with each distinct prefix, whose
+    rows are copied to its conversations, and a second pass runs only the rest of each conversation
+    on it, with positions continuing the prefix's, one pass per class of similar remaining lengths
+    (`length_classes`). Scores equal unshared ones up to float rounding.
+    Batch size 1 (and custom code such as ArmoRM) scores each conversation whole.
 
     Padding is on the right, with an attention mask, and the pad id is one that occurs in none of
     the conversations of the call (`choose_pad_id`); it is set as `model.config.pad_token_id`, so
@@ -117,6 +216,7 @@ class SequenceClassifierScorer:
         )
         self.pad_token_id: int | None = None
         self.on_progress: Callable[[int, int], None] | None = None
+        self.shares_prefixes = shares_prefixes(self.model)
 
     def _texts(self, prompts: Sequence[str], responses: Sequence[str]) -> list[str]:
         return [
@@ -128,37 +228,86 @@ class SequenceClassifierScorer:
 
     @torch.inference_mode()
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-        encoded = [
-            self.tokenizer(text, add_special_tokens=False, truncation=True, max_length=self.max_length)[
-                "input_ids"
-            ]
-            for text in self._texts(prompts, responses)
-        ]
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
-        scores = [0.0] * len(encoded)
+        """One score per (prompt, response): the classifier's output on the chat-templated conversation."""
+        texts = self._texts(prompts, responses)
+        if not texts:
+            return []
+        encoded = self.tokenizer(
+            texts, add_special_tokens=False, truncation=True, max_length=self.max_length
+        )["input_ids"]
         pad = choose_pad_id(
             encoded, preferred=self.tokenizer.pad_token_id, special_ids=self._special_ids, size=self._id_limit
         )
         self.pad_token_id = self.model.config.pad_token_id = pad
-        for start in tqdm(
-            range(0, len(order), self.batch_size), desc=f"scoring {self.name}", disable=not self.progress
-        ):
-            index = order[start : start + self.batch_size]
-            width = max(len(encoded[i]) for i in index)
-            ids = torch.full((len(index), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(index), width), dtype=torch.long)
-            for row, i in enumerate(index):
-                ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
-                mask[row, : len(encoded[i])] = 1
-            output = self.model(
-                input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device)
-            )
-            values = output.score if getattr(output, "score", None) is not None else output.logits[:, 0]
-            for row, i in enumerate(index):
-                scores[i] = float(values[row].float())
+        if self.shares_prefixes and self.batch_size > 1:
+            batches = prefix_batches(encoded, prompts, self.batch_size)
+        else:
+            order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
+            size = self.batch_size
+            batches = [[(i, 0) for i in order[start : start + size]] for start in range(0, len(order), size)]
+        scores = [0.0] * len(encoded)
+        done = 0
+        for batch in tqdm(batches, desc=f"scoring {self.name}", disable=not self.progress):
+            values = self._score_batch([(encoded[i], prefix) for i, prefix in batch], pad)
+            for (i, _), value in zip(batch, values.float().reshape(-1).tolist(), strict=True):
+                scores[i] = value
+            done += len(batch)
             if self.on_progress is not None:
-                self.on_progress(start + len(index), len(order))
+                self.on_progress(done, len(encoded))
         return scores
+
+    def _score_batch(self, rows: list[tuple[list[int], int]], pad: int) -> torch.Tensor:
+        """Scores of (conversation ids, shared prefix length) rows; prefixes of length 0 are not shared.
+
+        With shared prefixes: one pass over the batch's distinct prefixes fills a KV cache, then one
+        pass per `length_classes` class of the rows' remaining lengths runs on a copy of it.
+        """
+        device = self.model.device
+        prefixes: dict[tuple[int, ...], int] = {}
+        for ids, length in rows:
+            if length:
+                prefixes.setdefault(tuple(ids[:length]), len(prefixes))
+        if not prefixes:
+            ids, mask = right_padded([ids for ids, _ in rows], pad)
+            return self._values(self.model(input_ids=ids.to(device), attention_mask=mask.to(device)))
+        cache, prefix_mask = self._prefix_cache(list(prefixes), pad)
+        values = torch.empty(len(rows), device=device)
+        parts = length_classes([len(ids) - length for ids, length in rows])
+        for number, part in enumerate(parts):
+            part_rows = [rows[i] for i in part]
+            # Every row reads its prefix's cache row; a row without a shared prefix masks the one it gets.
+            source = torch.tensor([prefixes[tuple(ids[:n])] if n else 0 for ids, n in part_rows])
+            part_cache = cache if number == len(parts) - 1 else copy.deepcopy(cache)
+            part_cache.batch_select_indices(source.to(device))
+            lengths = torch.tensor([length for _, length in part_rows])
+            past_mask = prefix_mask[source] * (lengths > 0).unsqueeze(-1)
+            rest_ids, rest_mask = right_padded([ids[length:] for ids, length in part_rows], pad)
+            output = self.model(
+                input_ids=rest_ids.to(device),
+                attention_mask=torch.cat([past_mask, rest_mask], dim=-1).to(device),
+                position_ids=(lengths.unsqueeze(-1) + torch.arange(rest_ids.shape[1])).to(device),
+                **{cache_keyword(self.model): part_cache},
+            )
+            values[torch.tensor(part, device=device)] = self._values(output).float().reshape(-1)
+        return values
+
+    def _prefix_cache(self, prefixes: list[tuple[int, ...]], pad: int) -> tuple[DynamicCache, torch.Tensor]:
+        """The decoder's KV cache over `prefixes` (right-padded, one row each) and their attention mask."""
+        from transformers import DynamicCache
+
+        device = self.model.device
+        ids, mask = right_padded(prefixes, pad)
+        cache = DynamicCache(config=self.model.config)
+        base = self.model.base_model  # without the classification head: only the cache is wanted
+        base(input_ids=ids.to(device), attention_mask=mask.to(device),
+             position_ids=torch.arange(ids.shape[1]).expand(len(prefixes), -1).to(device), use_cache=True,
+             **{cache_keyword(base): cache})  # fmt: skip
+        return cache, mask
+
+    @staticmethod
+    def _values(output) -> torch.Tensor:
+        """The model's `score` output when it has one (ArmoRM), else logit 0: one value per row."""
+        return output.score if getattr(output, "score", None) is not None else output.logits[:, 0]
 
 
 def load_scorer(spec: RewardModelSpec, *, progress: bool = True) -> RewardScorer:

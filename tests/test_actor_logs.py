@@ -9,7 +9,7 @@ import pytest
 
 from wrpo_core import fanout
 from wrpo_core.config import ComputeConfig, ModelSpec
-from wrpo_core.fanout import SamplingWorker, ShardError, plan_shards, run_shards
+from wrpo_core.fanout import ActorPool, SamplingWorker, ShardError, plan_shards, run_shards
 from wrpo_core.storage import Storage
 
 pytestmark = pytest.mark.integration
@@ -43,9 +43,9 @@ def test_the_shard_error_carries_the_dead_actors_last_lines(local_ray, tmp_path,
     actor = ray.remote(AbortingWorker).options(num_cpus=1, max_restarts=0)
     with pytest.raises(ShardError) as caught:
         run_shards(
-            lambda: actor.remote(spec, prompts, (str(tmp_path), {}), device="cpu"),
+            ActorPool(lambda: actor.remote(spec, prompts, (str(tmp_path), {}), device="cpu"), 1),
             Storage.open(str(tmp_path)), plan_shards(1, 1, "samples/tiny"), lambda a, s: a.run.remote(s),
-            num_actors=1, max_attempts=1,
+            max_attempts=1,
         )  # fmt: skip
     message = str(caught.value)
     assert MARKER in message and "the last actor's output" in message

@@ -215,7 +215,12 @@ def test_pipeline_fanned_out_on_ray_matches_inline_and_adds_one_source_increment
     """The same run on Ray actors (shards) gives the same samples as inline; a new source samples alone."""
     ray = pytest.importorskip("ray")
     inline = pipeline.run_pipeline(fusion_config.model_copy(update={"run_name": "inline"}))
-    compute = fusion_config.compute.model_copy(update={"executor": "ray", "shard_size": 5, "num_actors": 2})
+    # The reward pool idles while src-b samples (long enough here, whatever the machine's load), and
+    # 2 reward + 2 sampling replicas of half a CPU fit this 2-CPU Ray together (else it makes room).
+    compute = fusion_config.compute.model_copy(
+        update={"executor": "ray", "shard_size": 5, "num_actors": 2, "reward_pool_idle_s": 3600,
+                "num_cpus_per_actor": 0.5}
+    )  # fmt: skip
     on_ray_cfg = fusion_config.model_copy(update={"run_name": "ray", "compute": compute})
     try:
         on_ray = pipeline.run_pipeline(on_ray_cfg, reuse=False)  # sample on Ray, not copy the inline run's
@@ -229,6 +234,11 @@ def test_pipeline_fanned_out_on_ray_matches_inline_and_adds_one_source_increment
                 a["text"].to_pylist() == b["text"].to_pylist()
             )  # per-sample seeds: batching does not matter
         assert on_ray["select-target"]["rows_out"] == inline["select-target"]["rows_out"]
+        # One reward-model pool for every source's score stage (loaded once, 2 replicas), released
+        # before SFT: Target-SFT's samples are scored by new replicas.
+        scorers = on_ray["score-src-a"]["actors"]
+        assert len(scorers) == 2 and on_ray["score-src-b"]["actors"] == scorers
+        assert set(on_ray["score-target-sft"]["actors"]).isdisjoint(scorers)
 
         # Register a third source: only it is sampled and scored; stored samples are reused.
         sources = [*on_ray_cfg.sources, on_ray_cfg.sources[0].model_copy(update={"name": "src-c"})]

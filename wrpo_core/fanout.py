@@ -1,7 +1,11 @@
 """Fan-out of sampling and scoring over Ray actors, in deterministic, resumable shards.
 
 One actor per model replica holds its model for its whole life (a GPU per tensor-parallel
-rank; a placement group when more than one). Work units are (model, prompt shard). The
+rank; a placement group when more than one). Actors come in pools (`ActorPool`): a source's
+sampling pool samples every shard of that source and is released when its stage ends; the
+reward model's pool is shared by every score stage of the run (the reward model is loaded once,
+not once per source) and is released before training (which needs the GPUs), when it has had
+no work for `compute.reward_pool_idle_s`, and at the end of the run. Work units are (model, prompt shard). The
 prompts go to the actors once through Ray's object store; each actor writes its Parquet
 shard (samples or scores, the large data) straight to storage, so it never passes through
 the driver; it returns the file's manifest entry (rows, bytes, sha256), so the driver lists the
@@ -13,18 +17,29 @@ machine's CPUs) and on an existing cluster (`address`).
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import logging
 import os
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 
+from wrpo_core.actor_pools import (
+    ActorPool,
+    actor_needs,
+    actor_options,
+    in_use,
+    release_pools,
+    shared_pool,
+)
 from wrpo_core.config import ComputeConfig, ModelSpec, RewardModelSpec
 from wrpo_core.failures import is_permanent
 from wrpo_core.ray_env import runtime_env
@@ -89,6 +104,16 @@ def _load(load: Callable[[], Any]) -> tuple[Any, Exception | None]:
         return None, error
 
 
+def _actor_id() -> str | None:
+    """The Ray actor this runs in (which replica did a shard), or None outside an actor."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_actor_id()
+    except Exception:
+        return None
+
+
 class SamplingWorker:
     """Holds one model (HF or vLLM) and samples prompt shards into SAMPLES shard files."""
 
@@ -118,38 +143,50 @@ class SamplingWorker:
         file = self.storage.write_table(shard.out_key, table, SAMPLES)
         return {"shard": shard.index, "file": file, "samples": report.samples, "completion_tokens": report.completion_tokens,
                 "seconds": report.seconds, "prompts_truncated": report.prompts_truncated,
-                "prompts_skipped_empty": report.prompts_skipped_empty}  # fmt: skip
+                "prompts_skipped_empty": report.prompts_skipped_empty, "actor": _actor_id()}  # fmt: skip
 
 
 class ScoringWorker:
-    """Holds one reward model and scores sample shards into SCORES shard files."""
+    """Holds one reward model and scores sample shards into SCORES shard files, for any stage of the run.
+
+    The prompts come with each call (an object-store reference, turned into a lookup once per
+    prompts table), so one replica serves every model's samples: the reward model is loaded once.
+    """
 
     def __init__(
         self,
         spec: RewardModelSpec,
-        prompts: pa.Table,
         storage: StorageAccess | tuple[str, dict[str, Any]],
         *,
         num_cpus: float = 1.0,
     ):
         _torch_threads(num_cpus)
         self.storage = StorageAccess(*storage).open()
-        self.prompt_by_id = dict(
-            zip(prompts["prompt_id"].to_pylist(), prompts["prompt"].to_pylist(), strict=True)
-        )
+        self._prompts: dict[str, dict[str, str]] = {}  # the last few prompt tables, by object ref
         self.scorer, self.load_error = _load(lambda: load_scorer(spec, progress=False))
 
-    def run(self, shard: Shard, samples_key: str) -> dict[str, Any]:
+    def _prompt_by_id(self, prompts: list[Any]) -> dict[str, str]:
+        import ray
+
+        (ref,) = prompts  # wrapped in a list, so Ray passes the reference, not the table
+        if ref.hex() not in self._prompts:  # a few stages may interleave their shards here
+            table = ray.get(ref)
+            lookup = dict(zip(table["prompt_id"].to_pylist(), table["prompt"].to_pylist(), strict=True))
+            self._prompts = {**dict(list(self._prompts.items())[-3:]), ref.hex(): lookup}
+        return self._prompts[ref.hex()]
+
+    def run(self, shard: Shard, samples_key: str, prompts: list[Any]) -> dict[str, Any]:
         if self.load_error is not None:
             raise self.load_error
         samples = self.storage.read_table(samples_key, SAMPLES)
-        scores = score_samples(samples, self.prompt_by_id, self.scorer)
+        scores = score_samples(samples, self._prompt_by_id(prompts), self.scorer)
         file = self.storage.write_table(shard.out_key, scores, SCORES)
         return {
             "shard": shard.index,
             "file": file,
             "scored": scores.num_rows,
             "score_sum": float(sum(scores["score"].to_pylist())),
+            "actor": _actor_id(),
         }
 
 
@@ -227,8 +264,10 @@ def init_ray(compute: ComputeConfig) -> None:
 
 
 def shutdown_local_ray() -> None:
-    """Stops the local Ray that `init_ray` started (a cluster connection is left alone) and its reaper."""
+    """Releases the run's shared actor pools (on a cluster too), then stops the local Ray that `init_ray`
+    started (a cluster connection is left alone) and its reaper."""
     global _started_local_ray, _reaper
+    release_pools()
     with _RAY_INIT:
         if _started_local_ray:
             import ray
@@ -239,21 +278,6 @@ def shutdown_local_ray() -> None:
             _reaper.stdin.close()  # the reaper kills what shutdown left, then exits
             _reaper.wait()
             _reaper = None
-
-
-def actor_options(spec: ModelSpec | None, compute: ComputeConfig) -> dict[str, Any]:
-    """Ray resources of one replica: GPUs = tensor-parallel size; a placement group when > 1."""
-    tp = spec.tensor_parallel_size if spec is not None else 1
-    gpus = compute.num_gpus_per_actor or (float(tp) if spec is not None and spec.backend == "vllm" else 0.0)
-    if tp > 1:
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        group = placement_group([{"GPU": 1, "CPU": 1}] * tp, strategy="STRICT_PACK")
-        strategy = PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)
-        # vLLM starts one worker per rank inside the group; the actor itself holds no GPU.
-        return {"num_cpus": compute.num_cpus_per_actor, "num_gpus": 0, "scheduling_strategy": strategy}
-    return {"num_cpus": compute.num_cpus_per_actor, "num_gpus": gpus}
 
 
 class ShardError(RuntimeError):
@@ -272,25 +296,25 @@ def _shard_error(message: str, permanent: bool) -> ShardError:
 
 
 def run_shards(
-    make_actor: Callable[[], Any],
+    pool: ActorPool,
     storage: Storage,
     shards: list[Shard],
     call: Callable[[Any, Shard], Any],
     *,
-    num_actors: int,
     max_attempts: int = 3,
     desc: str = "shards",
     on_done: Callable[[Shard, dict], None] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> dict[int, dict]:
-    """Runs every shard not yet written on a pool of actors; retries a dead actor's shard elsewhere.
+    """Runs every shard not yet written on the pool's actors; retries a dead actor's shard on its replacement.
 
-    `make_actor()` creates one Ray actor handle; `call(actor, shard)` returns its ObjectRef.
-    A shard whose actor dies, or whose work raises an error a retry may fix, is retried on a fresh
-    actor, up to `max_attempts` tries; a permanent error (bad data or config, `failures.is_permanent`)
-    fails at once. Either way a ShardError names the shard and its file and says whether it is permanent.
-    `on_progress(done, total)` is called with the shards written: once at the start (those an earlier
-    attempt wrote count as done) and after each shard that finishes.
+    `call(actor, shard)` returns the ObjectRef of the shard's work; one shard at a time per actor
+    from this call (other stages sharing the pool may queue theirs on the same actors). A shard
+    whose actor dies, or whose work raises an error a retry may fix, is retried on a fresh actor,
+    up to `max_attempts` tries; a permanent error (bad data or config, `failures.is_permanent`)
+    fails at once. Either way a ShardError names the shard and its file and says whether it is
+    permanent. `on_progress(done, total)` is called with the shards written: once at the start
+    (those an earlier attempt wrote count as done) and after each shard that finishes.
     """
     import ray
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
@@ -304,58 +328,59 @@ def run_shards(
         on_progress(skipped, len(shards))
     results: dict[int, dict] = {}
     attempts: dict[int, int] = {}
-    idle = [make_actor() for _ in range(min(num_actors, len(pending)))]
-    running: dict[Any, tuple[Any, Shard]] = {}
-    bar = tqdm(total=len(pending), desc=desc, unit="shard")
-    start = time.perf_counter()
-    while pending or running:
-        while pending and idle:
-            shard, actor = pending.pop(0), idle.pop()
-            attempts[shard.index] = attempts.get(shard.index, 0) + 1
-            running[call(actor, shard)] = (actor, shard)
-        ready, _ = ray.wait(list(running), num_returns=1)
-        actor, shard = running.pop(ready[0])
-        try:
-            result = ray.get(ready[0])
-        except (RayActorError, ActorDiedError, ActorUnavailableError) as error:
-            output = actor_output_tail(getattr(error, "actor_id", None))
-            if attempts[shard.index] >= max_attempts:
+    with in_use(pool):  # while its actors start, the idle reaper makes room for them
+        idle = pool.actors(len(pending)) if pending else []
+        running: dict[Any, tuple[Any, Shard]] = {}
+        bar = tqdm(total=len(pending), desc=desc, unit="shard")
+        start = time.perf_counter()
+        while pending or running:
+            while pending and idle:
+                shard, actor = pending.pop(0), idle.pop()
+                attempts[shard.index] = attempts.get(shard.index, 0) + 1
+                running[call(actor, shard)] = (actor, shard)
+            ready, _ = ray.wait(list(running), num_returns=1)
+            actor, shard = running.pop(ready[0])
+            try:
+                result = ray.get(ready[0])
+            except (RayActorError, ActorDiedError, ActorUnavailableError) as error:
+                output = actor_output_tail(getattr(error, "actor_id", None))
+                if attempts[shard.index] >= max_attempts:
+                    bar.close()
+                    raise ShardError(
+                        f"{desc}: shard {shard.index} ({storage.display(shard.out_key)}) failed on "
+                        f"{max_attempts} actors in a row (each died or became unreachable): {error}\n"
+                        f"the last actor's output: {output}",
+                        permanent=False,
+                    ) from error
+                logger.warning("%s: actor died on shard %d (attempt %d); retrying on a new actor. Its output: %s",
+                               desc, shard.index, attempts[shard.index], output)  # fmt: skip
+                pending.insert(0, shard)
+                idle.append(pool.replace(actor))
+                continue
+            except Exception as error:
+                cause = getattr(error, "cause", None) or error
+                if not is_permanent(cause) and attempts[shard.index] < max_attempts:
+                    logger.warning("%s: shard %d failed (attempt %d), retrying on a new actor: %s",
+                                   desc, shard.index, attempts[shard.index], cause)  # fmt: skip
+                    pending.insert(0, shard)
+                    idle.append(pool.replace(actor))
+                    continue
                 bar.close()
                 raise ShardError(
-                    f"{desc}: shard {shard.index} ({storage.display(shard.out_key)}) failed on "
-                    f"{max_attempts} actors in a row (each died or became unreachable): {error}\n"
-                    f"the last actor's output: {output}",
-                    permanent=False,
+                    f"{desc}: shard {shard.index} ({storage.display(shard.out_key)}) failed: "
+                    f"{type(cause).__name__}: {cause}",
+                    permanent=is_permanent(cause),
                 ) from error
-            logger.warning("%s: actor died on shard %d (attempt %d); retrying on a new actor. Its output: %s",
-                           desc, shard.index, attempts[shard.index], output)  # fmt: skip
-            pending.insert(0, shard)
-            idle.append(make_actor())
-            continue
-        except Exception as error:
-            cause = getattr(error, "cause", None) or error
-            if not is_permanent(cause) and attempts[shard.index] < max_attempts:
-                logger.warning("%s: shard %d failed (attempt %d), retrying on a new actor: %s",
-                               desc, shard.index, attempts[shard.index], cause)  # fmt: skip
-                ray.kill(actor)
-                pending.insert(0, shard)
-                idle.append(make_actor())
-                continue
-            bar.close()
-            raise ShardError(
-                f"{desc}: shard {shard.index} ({storage.display(shard.out_key)}) failed: "
-                f"{type(cause).__name__}: {cause}",
-                permanent=is_permanent(cause),
-            ) from error
-        results[shard.index] = result
-        if on_done is not None:
-            on_done(shard, result)
-        if on_progress is not None:
-            on_progress(skipped + len(results), len(shards))
-        idle.append(actor)
-        bar.update(1)
-        bar.set_postfix(shards_per_min=f"{60 * bar.n / max(time.perf_counter() - start, 1e-9):.1f}")
-    bar.close()
+            pool.worked(actor)
+            results[shard.index] = result
+            if on_done is not None:
+                on_done(shard, result)
+            if on_progress is not None:
+                on_progress(skipped + len(results), len(shards))
+            idle.append(actor)
+            bar.update(1)
+            bar.set_postfix(shards_per_min=f"{60 * bar.n / max(time.perf_counter() - start, 1e-9):.1f}")
+        bar.close()
     return results
 
 
@@ -386,15 +411,53 @@ def sample_model(
     init_ray(compute)
     shards = plan_shards(prompts.num_rows, shard_size, out_prefix, tag)
     prompts_ref = ray.put(prompts)
-    actor_class = ray.remote(SamplingWorker).options(**actor_options(spec, compute))
+    actor_class = ray.remote(SamplingWorker)
+    groups: list[tuple[Any, Any]] = []  # (replica, its placement group) of tensor-parallel replicas
 
     def make_actor():
-        return actor_class.remote(spec, prompts_ref, storage, device=device, num_cpus=compute.num_cpus_per_actor,
-                                  batch_size=batch_size)  # fmt: skip
+        options = actor_options(spec, compute)  # a placement group of its own per tensor-parallel replica
+        actor = actor_class.options(**options).remote(spec, prompts_ref, storage, device=device,
+                                                      num_cpus=compute.num_cpus_per_actor, batch_size=batch_size)  # fmt: skip
+        if "scheduling_strategy" in options:
+            groups.append((actor, options["scheduling_strategy"].placement_group))
+        return actor
 
-    results = run_shards(make_actor, StorageAccess(*storage).open(), shards, lambda actor, shard: actor.run.remote(shard),
-                         num_actors=num_actors, desc=f"sampling {spec.name}", on_progress=on_progress)  # fmt: skip
+    def free_group(actor: Any) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        for held, group in [g for g in groups if g[0] is actor]:
+            groups.remove((held, group))
+            remove_placement_group(group)  # its GPUs go back to Ray for the next source or training
+
+    # The source's own pool: it samples every shard, then its replicas (and their GPUs) are freed.
+    pool = ActorPool(make_actor, num_actors, name=f"sampling {spec.name}", needs=actor_needs(spec, compute),
+                     on_kill=free_group)  # fmt: skip
+    try:
+        results = run_shards(pool, StorageAccess(*storage).open(), shards, lambda actor, shard: actor.run.remote(shard),
+                             desc=f"sampling {spec.name}", on_progress=on_progress)  # fmt: skip
+    finally:
+        pool.release()
     return shards, results
+
+
+@contextlib.contextmanager
+def reward_pool(
+    spec: RewardModelSpec, storage: StorageAccess | tuple[str, dict[str, Any]], compute: ComputeConfig
+) -> Iterator[ActorPool]:
+    """The run's shared pool of reward-model replicas (`compute.num_actors`), for one score stage."""
+    import ray
+
+    init_ray(compute)
+    settings = [spec.model_dump(mode="json"), list(StorageAccess(*storage)), compute.model_dump(mode="json")]
+    key = "score:" + hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+    actor_class = ray.remote(ScoringWorker).options(**actor_options(None, compute))
+
+    def make_actor():
+        return actor_class.remote(spec, storage, num_cpus=compute.num_cpus_per_actor)
+
+    with shared_pool(key, make_actor, compute.num_actors, name=f"reward model {spec.path}",
+                     idle_s=compute.reward_pool_idle_s, needs=actor_needs(None, compute)) as pool:  # fmt: skip
+        yield pool
 
 
 def score_model(
@@ -405,29 +468,29 @@ def score_model(
     out_prefix: str,
     compute: ComputeConfig,
     *,
-    num_actors: int = 1,
     tag: str = "",
     on_progress: Callable[[int, int], None] | None = None,
 ) -> tuple[list[Shard], dict[int, dict]]:
-    """Scores every sample shard of one model on Ray actors, shard for shard (`tag`, `on_progress`: see
-    sample_model)."""
+    """Scores every sample shard of one model on the run's reward-model pool, shard for shard.
+
+    Score stages of several models share the pool (`reward_pool`): the reward model stays loaded
+    between them. `tag`, `on_progress`: see sample_model.
+    """
     import ray
 
-    init_ray(compute)
     shards = [
         Shard(s.index, s.start, s.stop, f"{out_prefix.rstrip('/')}/{shard_key(s.index, tag)}")
         for s in sample_shards
     ]
     samples_key = {s.index: s.out_key for s in sample_shards}
-    prompts_ref = ray.put(prompts)
-    actor_class = ray.remote(ScoringWorker).options(**actor_options(None, compute))
-    results = run_shards(
-        lambda: actor_class.remote(spec, prompts_ref, storage, num_cpus=compute.num_cpus_per_actor),
-        StorageAccess(*storage).open(),
-        shards,
-        lambda actor, shard: actor.run.remote(shard, samples_key[shard.index]),
-        num_actors=num_actors,
-        desc=f"scoring with {spec.path}",
-        on_progress=on_progress,
-    )
+    with reward_pool(spec, storage, compute) as pool:
+        prompts_ref = [ray.put(prompts)]
+        results = run_shards(
+            pool,
+            StorageAccess(*storage).open(),
+            shards,
+            lambda actor, shard: actor.run.remote(shard, samples_key[shard.index], prompts_ref),
+            desc=f"scoring with {spec.path}",
+            on_progress=on_progress,
+        )
     return shards, results

@@ -96,6 +96,15 @@ class ComputeConfig(ConfigModel):
             "for an hf one.",
         ),
     ] = 0.0
+    reward_pool_idle_s: Annotated[
+        float,
+        Field(
+            ge=0,
+            description="ray: seconds the reward model's replicas stay loaded with no shard to score (about "
+            "what reloading it costs); the score stages of every source share them, so the reward model "
+            "loads once. They are also released before training and at the end of the run.",
+        ),
+    ] = 300.0
 
 
 class EvaluationConfig(ConfigModel):

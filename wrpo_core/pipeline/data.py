@@ -169,19 +169,27 @@ def sample_on_ray(
 def score_on_ray(
     cfg: FusionConfig, layout: RunLayout, model: str, *, on_progress: ProgressCallback | None = None
 ) -> dict:
-    """The score stage fanned out over Ray actors, one score shard per sample shard (`on_progress`: shards)."""
+    """The score stage on the run's reward-model pool, one score shard per sample shard (`on_progress`: shards).
+
+    The mean reward comes from the actors' sums; only shards an earlier attempt wrote are read back.
+    """
     entry = layout.note_input(layout.samples(model))  # actors read the files; the stage depends on them
     sample_shards = [fanout.Shard(i, 0, 0, f["key"]) for i, f in enumerate(entry["files"])]
     out_key = layout.scores(model)
     tag = _shard_tag(layout, cfg.reward_model.model_dump(mode="json"), [layout.samples(model)])
     shards, results = fanout.score_model(
         cfg.reward_model, layout.read_dataset(layout.prompts, PROMPTS), layout.storage.access(),
-        sample_shards, out_key, cfg.compute, num_actors=cfg.compute.num_actors, tag=tag,
-        on_progress=_in_unit(on_progress, "shards"),
+        sample_shards, out_key, cfg.compute, tag=tag, on_progress=_in_unit(on_progress, "shards"),
     )  # fmt: skip
     layout.register_dataset(out_key, SCORES, _shard_files(shards, results))
-    scores = layout.read_dataset(out_key, SCORES)
-    return {"model": model, "scored": scores.num_rows, "mean_reward": pc.mean(scores["score"]).as_py()}
+    scored = sum(r["scored"] for r in results.values())
+    total = sum(r["score_sum"] for r in results.values())
+    for shard in shards:
+        if shard.index not in results:  # written by an earlier attempt of this stage
+            earlier = layout.storage.read_table(shard.out_key, SCORES)["score"]
+            scored, total = scored + len(earlier), total + (pc.sum(earlier).as_py() or 0.0)
+    return {"model": model, "scored": scored, "mean_reward": total / scored if scored else None,
+            "actors": sorted({r["actor"] for r in results.values() if r.get("actor")})}  # fmt: skip
 
 
 def score(

@@ -7,7 +7,7 @@
 - `runner`: runs a stage unless done, writes its manifest last, reuses other runs' results,
   turns failures into `StageError`.
 - `data`: ingest, split, sample, score (inline or on Ray actors), select y_ws / y_wt / y_l.
-- `training`: Target-SFT, WRPO and the DPO baseline as training jobs.
+- `training`: Target-SFT, WRPO, and WRPO variants (the DPO baseline, ablations) as training jobs.
 - `publishing`: model cards, the held-out evaluation, the registry record.
 - `roles`: the names of the models a run trains.
 
@@ -21,6 +21,7 @@ from wrpo_core.pipeline.plan import (
     pipeline_stages,
     run_pipeline,
     run_pipeline_stage,
+    wrpo_variant_stage,
 )
 from wrpo_core.pipeline.roles import DPO_BASELINE, FUSED, TARGET_SFT
 from wrpo_core.pipeline.runner import (
@@ -50,4 +51,5 @@ __all__ = [
     "run_pipeline",
     "run_pipeline_stage",
     "run_stage_outcome",
+    "wrpo_variant_stage",
 ]

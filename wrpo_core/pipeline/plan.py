@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from wrpo_core.config import FusionConfig, ModelSpec
+from wrpo_core import actor_pools
+from wrpo_core.config import FusionConfig, ModelSpec, WRPOConfig
 from wrpo_core.locations import location_fingerprint
 from wrpo_core.pipeline import data, publishing, training
 from wrpo_core.pipeline.data import ProgressCallback
@@ -180,10 +181,27 @@ def dpo_baseline_stage(
 ) -> Stage:
     """The DPO baseline (WRPO at alpha 0 on the same data) as a stage after WRPO; not in the plan itself."""
     hooks = TrainingHooks(on_log, on_metrics, on_progress)
-    key = {"wrpo": training.dpo_training(cfg).model_dump(mode="json")}
-    return Stage(
-        DPO_BASELINE, lambda: training.dpo_baseline(cfg, layout, hooks=hooks), key, (FUSED,), TARGET_SFT
-    )
+    return wrpo_variant_stage(cfg, layout, DPO_BASELINE, training.dpo_training(cfg), hooks=hooks)
+
+
+def wrpo_variant_stage(
+    cfg: FusionConfig,
+    layout: RunLayout,
+    name: str,
+    settings: WRPOConfig,
+    *,
+    hooks: TrainingHooks | None = None,
+) -> Stage:
+    """WRPO with other settings (alpha, beta, schedule) on the fused model's data, as a stage after WRPO.
+
+    Trains `models/<name>` from Target-SFT on the quadruples and reference log-probs WRPO stored;
+    its manifest keys the settings, so a rerun skips it and a changed setting retrains it.
+    """
+
+    def run() -> dict:
+        return training.wrpo_variant(cfg, layout, name, settings, hooks or TrainingHooks())
+
+    return Stage(name, run, {"wrpo": settings.model_dump(mode="json")}, (FUSED,), TARGET_SFT)
 
 
 def run_pipeline_stage(
@@ -217,9 +235,12 @@ def run_pipeline(
     layout.storage.check()
     summaries = {}
     with Lease(layout.storage, purpose=f"run {cfg.run_name}", break_lease=break_lease) as lease:
-        for stage in pipeline_stages(cfg, layout):
-            lease.check()  # taken over by another run (judged stale, or broken): stop before writing more
-            summaries[stage.name] = run_pipeline_stage(cfg, layout, stage, reuse=reuse)[1]
+        try:
+            for stage in pipeline_stages(cfg, layout):
+                lease.check()  # taken over by another run (judged stale, or broken): stop before writing more
+                summaries[stage.name] = run_pipeline_stage(cfg, layout, stage, reuse=reuse)[1]
+        finally:
+            actor_pools.release_pools()  # the reward model's replicas, on a cluster too
     for row in summaries["select-source"].get("per_model", []):
         logger.info(
             "source %s: %d samples, %d tokens, mean reward %.4f, y_ws share %.1f%%", row["model"],

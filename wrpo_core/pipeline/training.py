@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from wrpo_core import actor_pools
 from wrpo_core.config import FusionConfig, SFTJobConfig, WRPOConfig, WRPOJobConfig
 from wrpo_core.pipeline.data import ProgressCallback, rows_of_split
 from wrpo_core.pipeline.publishing import finish_model
-from wrpo_core.pipeline.roles import DPO_BASELINE, FUSED, TARGET_SFT
+from wrpo_core.pipeline.roles import FUSED, TARGET_SFT
 from wrpo_core.reference import REFERENCE_FILE
 from wrpo_core.schemas import BEST_SOURCE, QUADRUPLES
 from wrpo_core.storage import RunLayout
@@ -83,7 +84,11 @@ def _job_table(layout: RunLayout, key: str, schema: pa.Schema, *, elsewhere: boo
 
 
 def train_job(stage: Stage, job: JobConfig, hooks: TrainingHooks = NO_HOOKS) -> dict[str, float]:
-    """Trains in this process, or as a torchrun / Ray Train job when the config has a `launch` section."""
+    """Trains in this process, or as a torchrun / Ray Train job when the config has a `launch` section.
+
+    The run's shared Ray actor pools (the reward model's) are released first: training needs the GPUs.
+    """
+    actor_pools.release_pools()
     folder = Path(job.output_dir)
     on_row = _rows_callback(job, hooks)
     if job.launch is None:
@@ -144,7 +149,10 @@ def dpo_training(cfg: FusionConfig) -> WRPOConfig:
     return cfg.wrpo.model_copy(update={"alpha": 0.0})
 
 
-def dpo_baseline(cfg: FusionConfig, layout: RunLayout, hooks: TrainingHooks = NO_HOOKS) -> dict:
-    """DPO = WRPO at alpha 0 on the fused model's quadruples and stored reference log-probs."""
+def wrpo_variant(
+    cfg: FusionConfig, layout: RunLayout, name: str, settings: WRPOConfig, hooks: TrainingHooks = NO_HOOKS
+) -> dict:
+    """WRPO with other `settings` (alpha, beta, schedule) on the fused model's quadruples and stored
+    reference log-probs, saved as `models/<name>`: the DPO baseline (alpha 0) and ablations."""
     data = f"{layout.model(FUSED)}/{REFERENCE_FILE}"
-    return wrpo(cfg, layout, hooks, name=DPO_BASELINE, training=dpo_training(cfg), data=data)
+    return wrpo(cfg, layout, hooks, name=name, training=settings, data=data)

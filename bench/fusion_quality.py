@@ -7,12 +7,24 @@ differences SFT - Target, DPO - SFT, WRPO - DPO (same prompts, same seed), with 
 from a two-level bootstrap (seeds, then prompts within each seed), so both training-seed and
 evaluation noise count. Tune on `--split dev` only; report `--split test`.
 
+`--ablation` adds the paper's ablations on the same runs: WRPO at alpha 0 (DPO: no y_ws),
+0.1, 0.3, 0.5, 0.7, 1 (alpha rising linearly from 0, the paper's schedule), and alpha 1 held
+constant (no y_wt at all), each at every beta of `--betas`, all trained from the same
+Target-SFT on the same quadruples and stored reference log-probs. Every arm is scored on dev
+and test prompts; each arm's beta is the one with the best mean dev accuracy over seeds, the
+"tuned" WRPO is the linear-schedule alpha > 0 with the best dev accuracy, and only then is the
+test split read.
+Prints the table (test accuracy and paired difference vs DPO, with intervals) and writes
+`ablation.png` (accuracy vs alpha) and `ablation.json` next to the runs.
+
 Run: `.venv/bin/python bench/fusion_quality.py --seeds 5 --eval-prompts 2000 --out runs/fusion-quality`
+     `.venv/bin/python bench/fusion_quality.py --ablation --seeds 5 --eval-prompts 2000 --out runs/fusion-quality`
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import time
@@ -20,8 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from wrpo_core.demo import DEFAULT_CACHE, demo_settings, run_toy_fusion, toy_prompts
+from wrpo_core.demo import DEFAULT_CACHE, demo_settings, fusion_config, run_toy_fusion, toy_prompts
 from wrpo_core.evaluation import evaluate_model
+from wrpo_core.pipeline import layout_for, run_pipeline_stage, wrpo_variant_stage
 from wrpo_core.rewards import ToyVerifierScorer
 from wrpo_core.toy.world import build_world
 
@@ -72,6 +85,196 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, np.ndarray]:
     return correct
 
 
+ALPHAS = (0.0, 0.1, 0.3, 0.5, 0.7, 1.0)
+"""The alpha sweep of the issue: 0 is DPO on (y_wt, y_l) (no y_ws), 1 ends on (y_ws, y_l)."""
+NO_YWT = (1.0, "constant")
+"""alpha 1 from the first step: y_wt never weighs in (the paper's 'w/o y_wt' ablation)."""
+
+
+def ablation_arms() -> list[tuple[float, str]]:
+    """(alpha, schedule) of every ablation arm: the linear sweep, then alpha 1 held constant."""
+    return [(alpha, "linear") for alpha in ALPHAS] + [NO_YWT]
+
+
+def arm_label(arm: tuple[float, str]) -> str:
+    alpha, schedule = arm
+    if alpha == 0.0:
+        return "DPO (alpha 0)"
+    return f"alpha {alpha:g} constant (no y_wt)" if schedule == "constant" else f"WRPO alpha {alpha:g}"
+
+
+def variant_name(arm: tuple[float, str], beta: float) -> str:
+    alpha, schedule = arm
+    return f"ablation-a{alpha:g}-{schedule}-b{beta:g}"
+
+
+def ablation_seed(
+    seed: int, args: argparse.Namespace, betas: list[float]
+) -> dict[str, dict[str, np.ndarray]]:
+    """Per-prompt correctness on dev and test of Target, Target-SFT and every arm x beta of one seed.
+
+    Trains what is missing (each variant is a pipeline stage: a rerun skips it) and saves the
+    scores after every model, so an interrupted sweep resumes where it stopped.
+    """
+    run_dir = Path(args.out) / f"seed-{seed}"
+    saved = run_dir / f"ablation-{args.eval_prompts}-correct.json"
+    scores: dict[str, dict[str, list]] = (
+        json.loads(saved.read_text()) if saved.exists() else {"dev": {}, "test": {}}
+    )
+    names = {"Target", "Target-SFT", *(variant_name(arm, beta) for arm in ablation_arms() for beta in betas)}
+    if all(names <= set(scores[split]) for split in ("dev", "test")):  # scored before: nothing to train
+        return {split: {name: np.array(scores[split][name]) for name in names} for split in ("dev", "test")}
+    settings = demo_settings(quick=args.quick)
+    world_config = settings["world"].model_copy(update={"seed": seed})
+    settings = {**settings, "world": world_config}
+    world = build_world(world_config, DEFAULT_CACHE)
+    base = 10_000 * seed
+    train, test = toy_prompts(world_config, settings["train_prompts"], args.eval_prompts, seed=base + 1000)
+    _, dev = toy_prompts(world_config, settings["train_prompts"], args.eval_prompts, seed=base + 5000)
+    models, _ = run_toy_fusion(run_dir, world, train, settings)
+    cfg = fusion_config(world, run_dir / "prompts.jsonl", run_dir, settings)
+    layout = layout_for(cfg)
+    trained = {variant_name((cfg.wrpo.alpha, cfg.wrpo.alpha_schedule), cfg.wrpo.beta): models["Target-SFT-WRPO"],
+               variant_name((0.0, cfg.wrpo.alpha_schedule), cfg.wrpo.beta): models["Target-SFT-DPO"]}  # fmt: skip
+    wanted = {"Target": models["Target"], "Target-SFT": models["Target-SFT"]}
+    for arm in ablation_arms():
+        for beta in betas:
+            name = variant_name(arm, beta)
+            if name not in trained:
+                update = {"alpha": arm[0], "alpha_schedule": arm[1], "beta": beta}
+                started = time.perf_counter()
+                stage = wrpo_variant_stage(cfg, layout, name, cfg.wrpo.model_copy(update=update))
+                outcome, _ = run_pipeline_stage(cfg, layout, stage, reuse=False)
+                print(f"  seed {seed} {name}: {outcome} in {time.perf_counter() - started:.0f} s", flush=True)
+                trained[name] = layout.model(name)
+            wanted[name] = trained[name]
+    for split, rows in (("dev", dev), ("test", test)):
+        prompts, skills = [r["prompt"] for r in rows], [r["skill"] for r in rows]
+        for name, path in wanted.items():
+            if name in scores[split]:
+                continue
+            _, rewards = evaluate_model(
+                path, prompts, skills, ToyVerifierScorer(), max_new_tokens=settings["max_new_tokens"]
+            )
+            scores[split][name] = [float(r == 1.0) for r in rewards]
+            saved.write_text(json.dumps(scores))
+    return {split: {name: np.array(v) for name, v in by_name.items()} for split, by_name in scores.items()}
+
+
+def mean_over_seeds(per_seed: dict[int, dict[str, dict[str, np.ndarray]]], split: str, name: str) -> float:
+    return float(np.mean([per_seed[s][split][name].mean() for s in per_seed]))
+
+
+def ablation_report(
+    per_seed: dict[int, dict[str, dict[str, np.ndarray]]], betas: list[float], eval_prompts: int
+) -> tuple[list[str], dict]:
+    """The ablation table (beta per arm and the tuned alpha chosen on dev; test reported) and its data."""
+    chosen = {}
+    for arm in ablation_arms():
+        dev = {beta: mean_over_seeds(per_seed, "dev", variant_name(arm, beta)) for beta in betas}
+        chosen[arm] = max(betas, key=lambda beta: dev[beta])  # first of equals: the order of --betas
+    dpo = variant_name(ablation_arms()[0], chosen[ablation_arms()[0]])
+    tuned = max((arm for arm in ablation_arms() if arm[0] > 0 and arm[1] == "linear"),  # WRPO as published
+                key=lambda arm: mean_over_seeds(per_seed, "dev", variant_name(arm, chosen[arm])))  # fmt: skip
+    seeds = sorted(per_seed)
+    lines = [
+        f"Ablations: exact accuracy, {eval_prompts} dev and {eval_prompts} test prompts x {len(seeds)} seeds "
+        f"(seeds {','.join(map(str, seeds))}); beta per arm from {betas} by mean dev accuracy; "
+        "95% CI: two-level bootstrap (seeds, then prompts); difference vs DPO paired on the same test prompts.",
+        "",
+        "| arm | beta (dev) | dev acc | test acc | 95% CI | test - DPO | 95% CI | seeds > 0 |",
+        "|---|---:|---:|---:|---|---:|---|---:|",
+    ]
+    summary: dict = {"betas": betas, "seeds": seeds, "arms": {}}
+    for name in ("Target", "Target-SFT"):
+        point, low, high = two_level_bootstrap([per_seed[s]["test"][name] for s in seeds])
+        dev_acc = mean_over_seeds(per_seed, "dev", name)
+        lines.append(f"| {name} | - | {dev_acc:.1%} | {point:.1%} | [{low:.1%}, {high:.1%}] | | | |")
+        summary["arms"][name] = {"dev": dev_acc, "test": point, "test_ci": [low, high]}
+    for arm in ablation_arms():
+        name = variant_name(arm, chosen[arm])
+        point, low, high = two_level_bootstrap([per_seed[s]["test"][name] for s in seeds])
+        dev_acc = mean_over_seeds(per_seed, "dev", name)
+        label = arm_label(arm) + (" (tuned on dev)" if arm == tuned else "")
+        row = {"alpha": arm[0], "schedule": arm[1], "beta": chosen[arm], "dev": dev_acc, "test": point,
+               "test_ci": [low, high], "tuned": arm == tuned}  # fmt: skip
+        diff_cells = " |  | "
+        if name != dpo:
+            diffs = [per_seed[s]["test"][name] - per_seed[s]["test"][dpo] for s in seeds]
+            d_point, d_low, d_high = two_level_bootstrap(diffs)
+            wins = int(sum(d.mean() > 0 for d in diffs))
+            row |= {"minus_dpo": d_point, "minus_dpo_ci": [d_low, d_high], "seeds_positive": wins}
+            diff_cells = f"{d_point:+.2%} | [{d_low:+.2%}, {d_high:+.2%}] | {wins}/{len(seeds)}"
+        lines.append(
+            f"| {label} | {chosen[arm]:g} | {dev_acc:.1%} | {point:.1%} | [{low:.1%}, {high:.1%}] | {diff_cells} |"
+        )
+        summary["arms"][arm_label(arm)] = row
+    return lines, summary
+
+
+def ablation_figure(summary: dict) -> bytes:
+    """PNG: accuracy vs alpha (test with 95% CI, dev) and the paired test difference vs DPO with its CI.
+
+    The absolute intervals are wide because worlds differ by seed; the paired difference (same
+    seed, same prompts) is what tells the arms apart. Alpha 1 held constant is the triangle.
+    """
+    from matplotlib.figure import Figure
+
+    arms = [row for row in summary["arms"].values() if "alpha" in row]
+    sweep = [row for row in arms if row["schedule"] == "linear" or row["alpha"] == 0.0]
+    constant = [row for row in arms if row["schedule"] == "constant" and row["alpha"] > 0]
+    figure = Figure(figsize=(11.0, 4.0), dpi=100, layout="constrained")
+    left, right = figure.subplots(1, 2)
+
+    def bars(rows: list[dict], key: str) -> np.ndarray:
+        return np.array([[r[key] - r[f"{key}_ci"][0], r[f"{key}_ci"][1] - r[key]] for r in rows]).T * 100
+
+    alphas = [row["alpha"] for row in sweep]
+    left.errorbar(alphas, [r["test"] * 100 for r in sweep], yerr=bars(sweep, "test"), marker="o", capsize=3,
+                  label="test (95% CI), beta chosen on dev")  # fmt: skip
+    left.plot(alphas, [r["dev"] * 100 for r in sweep], "s--", alpha=0.6, label="dev")
+    for row in constant:
+        left.errorbar([row["alpha"] + 0.03], [row["test"] * 100], yerr=bars([row], "test"), marker="^", capsize=3,
+                      color="C3", linestyle="none", label="alpha 1 constant (no y_wt), test")  # fmt: skip
+    left.axhline(summary["arms"]["Target-SFT"]["test"] * 100, color="gray", linewidth=0.8, linestyle=":",
+                 label="Target-SFT, test")  # fmt: skip
+    left.set_title(f"accuracy vs alpha ({len(summary['seeds'])} seeds)", fontsize=10)
+    left.set_ylabel("exact accuracy, %")
+    paired = [row for row in sweep if "minus_dpo" in row]
+    right.errorbar([r["alpha"] for r in paired], [r["minus_dpo"] * 100 for r in paired], yerr=bars(paired, "minus_dpo"),
+                   marker="o", capsize=3, label="WRPO - DPO, test (95% CI)")  # fmt: skip
+    for row in constant:
+        right.errorbar([row["alpha"] + 0.03], [row["minus_dpo"] * 100], yerr=bars([row], "minus_dpo"), marker="^",
+                       capsize=3, color="C3", linestyle="none", label="alpha 1 constant - DPO")  # fmt: skip
+    right.axhline(0.0, color="gray", linewidth=0.8)
+    right.set_title("paired difference vs DPO (same seeds, same prompts)", fontsize=10)
+    right.set_ylabel("points")
+    for axes in (left, right):
+        axes.set_xlabel("alpha (final value of the linear schedule; 0 = DPO)")
+        axes.legend(fontsize=7)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def run_ablation(args: argparse.Namespace, order: list[int]) -> None:
+    betas = [float(b) for b in args.betas.split(",")]
+    started = time.perf_counter()
+    per_seed = {}
+    for seed in order:
+        per_seed[seed] = ablation_seed(seed, args, betas)
+        print(f"seed {seed}: done ({time.perf_counter() - started:.0f} s so far)", flush=True)
+    if len(per_seed) < args.seeds:
+        print(f"ran seeds {order}; the table needs all {args.seeds} (rerun without --seed-order)")
+        return
+    lines, summary = ablation_report(per_seed, betas, args.eval_prompts)
+    out = Path(args.out)
+    (out / "ablation.json").write_text(json.dumps(summary, indent=2))
+    (out / "ablation.png").write_bytes(ablation_figure(summary))
+    lines.append(f"\nFigure: {out / 'ablation.png'}. Total time: {time.perf_counter() - started:.0f} s")
+    print("\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
@@ -82,11 +285,16 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="smallest settings (smoke check, meaningless numbers)"
     )
+    parser.add_argument("--ablation", action="store_true", help="the alpha sweep and y_ws / y_wt ablations")
+    parser.add_argument("--betas", default="0.3,1,3", help="betas tried per ablation arm, chosen on dev")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     started = time.perf_counter()
     per_seed = {}
     order = [int(s) for s in args.seed_order.split(",")] if args.seed_order else list(range(args.seeds))
+    if args.ablation:
+        run_ablation(args, order)
+        return
     for seed in order:
         per_seed[seed] = run_seed(seed, args)
         print(f"seed {seed}: " + ", ".join(f"{m} {per_seed[seed][m].mean():.1%}" for m in MODELS), flush=True)

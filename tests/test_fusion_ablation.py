@@ -1,0 +1,65 @@
+"""bench/fusion_quality.py --ablation: beta and the tuned alpha are chosen on dev only, test is reported.
+
+Synthetic per-prompt correctness where dev and test disagree on purpose, so a choice that peeked at
+test would pick other settings; differences vs DPO are paired by hand.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "fusion_quality.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("fusion_quality", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fusion_quality"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def correct(rate: float, n: int = 100) -> np.ndarray:
+    """n prompts, the first round(rate * n) right."""
+    return (np.arange(n) < round(rate * n)).astype(float)
+
+
+def test_beta_and_alpha_are_chosen_on_dev_and_test_is_what_is_reported():
+    bench = load_bench()
+    betas = [0.3, 1.0]
+    dev, test = {"Target": 0.2, "Target-SFT": 0.3}, {"Target": 0.2, "Target-SFT": 0.3}
+    for arm in bench.ablation_arms():
+        alpha, schedule = arm
+        for beta in betas:
+            name = bench.variant_name(arm, beta)
+            # dev prefers beta 1 everywhere and alpha 0.5 among the linear arms; test prefers the opposite
+            dev[name] = (
+                0.40
+                + (0.02 if beta == 1.0 else 0.0)
+                + (0.05 if (alpha, schedule) == (0.5, "linear") else 0.0)
+            )
+            test[name] = (
+                0.40
+                + (0.10 if beta == 0.3 else 0.0)
+                + (0.08 if (alpha, schedule) == (0.7, "linear") else 0.0)
+            )
+    per_seed = {s: {"dev": {k: correct(v) for k, v in dev.items()}, "test": {k: correct(v) for k, v in test.items()}}
+                for s in (0, 1)}  # fmt: skip
+    lines, summary = bench.ablation_report(per_seed, betas, 100)
+    arms = summary["arms"]
+    assert all(row["beta"] == 1.0 for name, row in arms.items() if "alpha" in row)  # dev's choice, not test's
+    tuned = [name for name, row in arms.items() if row.get("tuned")]
+    assert tuned == ["WRPO alpha 0.5"]  # dev's best linear arm, although alpha 0.7 is best on test
+    assert arms["WRPO alpha 0.5"]["test"] == 0.40  # test reported at the dev-chosen beta
+    assert (
+        abs(arms["WRPO alpha 0.7"]["minus_dpo"] - 0.08) < 1e-12
+    )  # paired with DPO (same beta, same prompts)
+    assert arms["WRPO alpha 0.7"]["seeds_positive"] == 2
+    assert "minus_dpo" not in arms["DPO (alpha 0)"]
+    assert any(line.startswith("| WRPO alpha 0.5 (tuned on dev) | 1 |") for line in lines)
+    assert all(line.count("|") == 9 for line in lines if line.startswith("| "))  # every row has its 8 cells
+    assert bench.ablation_figure(summary).startswith(b"\x89PNG")

@@ -18,6 +18,7 @@ memory (NVML, see `DeviceMemoryPeak`) and allows a loss difference of 0.1 (bf16)
 
     .venv/bin/python bench/zero3_cpu.py                 # ~3 min on 2 CPU cores
     .venv/bin/python bench/zero3_cpu.py --quick         # smoke check
+    .venv/bin/python bench/zero3_cpu.py --pin           # ranks pinned to their own cores (clean 2 vs 1)
     .venv/bin/python bench/zero3_cpu.py --gpu           # one GPU: plain vs ZeRO-3, bf16
     bench/gpu_check.sh                                   # the whole GPU check (this is one stage)
 """
@@ -32,6 +33,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/wrpo-fusion/torch_extensions"))
 
 import argparse
+import contextlib
 import json
 import math
 import random
@@ -148,6 +150,49 @@ class DeviceMemoryPeak:
         return (self.peak - self.baseline) / GIB
 
 
+class CorePinner:
+    """Pins each training process of a run to its own core (local rank r -> core r) while the block runs.
+
+    torchrun starts the ranks; this polls this process's descendants every `interval_s` and sets
+    the CPU affinity of each one whose environment has LOCAL_RANK (a rank and the processes it
+    starts), so two ranks never share a core and a 1-process run keeps one core. `pinned` lists
+    (pid, core) as set.
+    """
+
+    def __init__(self, interval_s: float = 0.1):
+        self.interval_s = interval_s
+        self.pinned: list[tuple[int, int]] = []
+        self._seen: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        import psutil
+
+        cores = os.cpu_count() or 1
+        while not self._stop.wait(self.interval_s):
+            for proc in psutil.Process().children(recursive=True):
+                if proc.pid in self._seen:
+                    continue
+                try:
+                    rank = proc.environ().get("LOCAL_RANK")
+                    if rank is None:
+                        continue
+                    proc.cpu_affinity([int(rank) % cores])
+                    self._seen.add(proc.pid)
+                    self.pinned.append((proc.pid, int(rank) % cores))
+                except (psutil.Error, ValueError):
+                    continue
+
+    def __enter__(self) -> CorePinner:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def fixed_length_quadruples(rows: int, prompt_chars: int, response_chars: int, seed: int) -> pa.Table:
     """QUADRUPLES rows of random letters, every prompt and response exactly the given length."""
     rng = random.Random(seed)
@@ -215,8 +260,13 @@ def make_job(args: argparse.Namespace, out: Path) -> tuple[WRPOJobConfig, int]:
     return job.model_copy(update={"data": str(out / "reference" / REFERENCE_FILE)}), params
 
 
-def run_one(job: WRPOJobConfig, run: Run, out: Path, tokens_per_step: int, *, gpu: bool = False) -> dict:
-    """Launches one configuration and measures it from its metrics rows (and, on a GPU, its memory)."""
+def run_one(
+    job: WRPOJobConfig, run: Run, out: Path, tokens_per_step: int, *, gpu: bool = False, pin: bool = False
+) -> dict:
+    """Launches one configuration and measures it from its metrics rows (and, on a GPU, its memory).
+
+    `pin`: each rank on its own core (`CorePinner`); the load average before and after is recorded.
+    """
     training = job.training.model_copy(
         update={
             "per_device_train_batch_size": job.training.per_device_train_batch_size // run.nproc,
@@ -232,13 +282,12 @@ def run_one(job: WRPOJobConfig, run: Run, out: Path, tokens_per_step: int, *, gp
         }
     )
     log: list[str] = []
-    memory = DeviceMemoryPeak() if gpu else None
+    memory = DeviceMemoryPeak() if gpu else contextlib.nullcontext()
+    pinner = CorePinner() if pin else contextlib.nullcontext()
+    load_before = os.getloadavg()[0]
     try:
-        if memory is None:
+        with memory, pinner:
             result = launch_job("wrpo", this, on_log=log.append)
-        else:
-            with memory:
-                result = launch_job("wrpo", this, on_log=log.append)
     except TrainingJobError as error:
         (out / "failed.log").write_text("\n".join(log))
         raise BenchError(f"{run.name} failed: {error.error} (log: {out / 'failed.log'})") from None
@@ -255,8 +304,16 @@ def run_one(job: WRPOJobConfig, run: Run, out: Path, tokens_per_step: int, *, gp
         "train_s": result.summary["train_runtime"],
         "train_tokens_per_s": last["step"] * tokens_per_step / result.summary["train_runtime"],
         "losses": [row["loss"] for row in steps],
+        "load_before": load_before,
+        "load_after": os.getloadavg()[0],
     }
-    if memory is not None:
+    if pin:
+        measured["pinned_cores"] = sorted({core for _, core in pinner.pinned})
+        if len(measured["pinned_cores"]) != min(run.nproc, os.cpu_count() or 1):
+            raise BenchError(
+                f"{run.name}: ranks pinned to cores {measured['pinned_cores']}, expected {run.nproc}"
+            )
+    if gpu:
         measured.update(peak_mem_gib=memory.gib, mem_method=memory.method)
     return measured
 
@@ -278,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--out", type=Path, help="work folder (default: a temporary one)")
     parser.add_argument("--json", action="store_true", help="also print the results as one JSON line")
+    parser.add_argument(
+        "--pin", action="store_true", help="pin each rank to its own core (local rank r -> core r)"
+    )
     return parser
 
 
@@ -301,7 +361,7 @@ def compare(args: argparse.Namespace, out: Path, runs: tuple[Run, ...]) -> dict[
     """Runs `runs` on one shared job in `out`: per-run results, tokens/step, parameters, loss agreement."""
     job, params = make_job(args, out)
     tokens_per_step = tokens_per_example(job) * args.batch_size
-    results = [run_one(job, run, out, tokens_per_step, gpu=args.gpu) for run in runs]
+    results = [run_one(job, run, out, tokens_per_step, gpu=args.gpu, pin=args.pin) for run in runs]
     reference = results[0]["losses"]
     diffs = [abs(a - b) for r in results for a, b in zip(r["losses"], reference, strict=True)]
     loss_diff = float("nan") if any(math.isnan(d) for d in diffs) else max(diffs)  # max() can skip a NaN
@@ -346,12 +406,16 @@ def main(argv: list[str] | None = None) -> int:
         "step s / tok/s: steady steps (first to last logged step); train s: Trainer train_runtime\n"
     )
     memory = " peak GiB" if args.gpu else ""
-    header = f"{'run':<10}{'step s':>9}{'tok/s':>9}{'train s':>9}{'tok/s (train s)':>17}{memory}"
+    header = (
+        f"{'run':<10}{'step s':>9}{'tok/s':>9}{'train s':>9}{'tok/s (train s)':>17}{'load 1m':>9}{memory}"
+    )
     print(header + "\n" + "-" * len(header))
     for r in results:
         print(
             f"{r['run']:<10}{r['step_s']:>9.3f}{r['tokens_per_s']:>9.0f}{r['train_s']:>9.2f}"
-            f"{r['train_tokens_per_s']:>17.0f}" + (f"{r['peak_mem_gib']:>9.2f}" if args.gpu else "")
+            f"{r['train_tokens_per_s']:>17.0f}{r['load_before']:>5.1f}-{r['load_after']:<3.1f}"
+            + (f"{r['peak_mem_gib']:>9.2f}" if args.gpu else "")
+            + (f"  cores {r['pinned_cores']}" if args.pin else "")
         )
     by_name = {r["run"]: r for r in results}
     if not args.gpu:

@@ -33,7 +33,7 @@ STACK_TESTS := tests/test_trainers.py tests/test_training_recipe.py tests/test_t
 	tests/test_wrpo_precision.py tests/test_deepspeed.py tests/test_objectives.py tests/test_reference_cache.py \
 	tests/test_job_fingerprint.py tests/test_tokenization.py tests/test_toy_tokenizer.py \
 	tests/test_model_families.py tests/test_sampling.py tests/test_length_stopped.py tests/test_rewards.py tests/test_armorm_compat.py \
-	tests/test_gpu_stack.py
+	tests/test_gpu_stack.py tests/test_packing.py tests/test_sampling_rng.py
 
 venv-gpu-locks: $(LOCK_VENV)/.installed
 

@@ -56,6 +56,18 @@ def two_level_bootstrap(
     return point, float(low), float(high)
 
 
+def seed_world(seed: int, args: argparse.Namespace) -> tuple[dict, object, list[dict], dict[str, list[dict]]]:
+    """One seed's settings, world (built or loaded), training prompts and held-out prompts by split."""
+    settings = demo_settings(quick=args.quick)
+    world_config = settings["world"].model_copy(update={"seed": seed})
+    settings = {**settings, "world": world_config}
+    world = build_world(world_config, DEFAULT_CACHE)
+    base = 10_000 * seed
+    train, test = toy_prompts(world_config, settings["train_prompts"], args.eval_prompts, seed=base + 1000)
+    _, dev = toy_prompts(world_config, settings["train_prompts"], args.eval_prompts, seed=base + 5000)
+    return settings, world, train, {"dev": dev, "test": test}
+
+
 def run_seed(seed: int, args: argparse.Namespace) -> dict[str, np.ndarray]:
     """Per-prompt exact-correctness (0/1) of each model for one seed's world and run.
 
@@ -64,14 +76,8 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, np.ndarray]:
     saved = Path(args.out) / f"seed-{seed}" / f"{args.split}-{args.eval_prompts}-correct.json"
     if saved.exists():
         return {name: np.array(values) for name, values in json.loads(saved.read_text()).items()}
-    settings = demo_settings(quick=args.quick)
-    world_config = settings["world"].model_copy(update={"seed": seed})
-    settings = {**settings, "world": world_config}
-    world = build_world(world_config, DEFAULT_CACHE)
-    base = 10_000 * seed
-    train, test = toy_prompts(world_config, settings["train_prompts"], args.eval_prompts, seed=base + 1000)
-    _, dev = toy_prompts(world_config, settings["train_prompts"], args.eval_prompts, seed=base + 5000)
-    held_out = {"test": test, "dev": dev}[args.split]
+    settings, world, train, held = seed_world(seed, args)
+    held_out = held[args.split]
     models, _ = run_toy_fusion(Path(args.out) / f"seed-{seed}", world, train, settings)
     prompts = [r["prompt"] for r in held_out]
     skills = [r["skill"] for r in held_out]
@@ -124,13 +130,7 @@ def ablation_seed(
     names = {"Target", "Target-SFT", *(variant_name(arm, beta) for arm in ablation_arms() for beta in betas)}
     if all(names <= set(scores[split]) for split in ("dev", "test")):  # scored before: nothing to train
         return {split: {name: np.array(scores[split][name]) for name in names} for split in ("dev", "test")}
-    settings = demo_settings(quick=args.quick)
-    world_config = settings["world"].model_copy(update={"seed": seed})
-    settings = {**settings, "world": world_config}
-    world = build_world(world_config, DEFAULT_CACHE)
-    base = 10_000 * seed
-    train, test = toy_prompts(world_config, settings["train_prompts"], args.eval_prompts, seed=base + 1000)
-    _, dev = toy_prompts(world_config, settings["train_prompts"], args.eval_prompts, seed=base + 5000)
+    settings, world, train, held = seed_world(seed, args)
     models, _ = run_toy_fusion(run_dir, world, train, settings)
     cfg = fusion_config(world, run_dir / "prompts.jsonl", run_dir, settings)
     layout = layout_for(cfg)
@@ -148,7 +148,7 @@ def ablation_seed(
                 print(f"  seed {seed} {name}: {outcome} in {time.perf_counter() - started:.0f} s", flush=True)
                 trained[name] = layout.model(name)
             wanted[name] = trained[name]
-    for split, rows in (("dev", dev), ("test", test)):
+    for split, rows in held.items():
         prompts, skills = [r["prompt"] for r in rows], [r["skill"] for r in rows]
         for name, path in wanted.items():
             if name in scores[split]:

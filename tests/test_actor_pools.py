@@ -84,11 +84,12 @@ def test_while_a_running_pools_actor_finds_no_room_unused_shared_pools_are_relea
     actor_pools.release_pools()
     checked = []
 
-    def full(pool):  # as when the pools' actors ask for more than Ray has
-        checked.append(pool.name)
-        actor_pools._release_unused(pool, reason="test: Ray is full")
+    def full(needs, *, keep=None):  # as make_room when the pools' actors ask for more than Ray has
+        checked.append(needs)
+        actor_pools._release_unused(keep, reason="test: Ray is full")
+        return False
 
-    monkeypatch.setattr(actor_pools, "_make_room_for_waiting", full)
+    monkeypatch.setattr(actor_pools, "make_room", full)
     with actor_pools.shared_pool("busy", Handle, 1, name="in use", idle_s=3600) as busy:
         busy.actors(1)
         waiting = actor_pools.ActorPool(Handle, 1, name="sampling src", needs={"CPU": 1.0})

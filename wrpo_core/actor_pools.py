@@ -206,7 +206,7 @@ def make_room(needs: dict[str, float], *, keep: ActorPool | None = None) -> bool
     """
     import ray
 
-    if not needs or not ray.is_initialized():
+    if not ray.is_initialized():
         return True
     total, demand = ray.cluster_resources(), _demand(needs)
     if all(amount <= total.get(name, 0.0) + 1e-9 for name, amount in demand.items()):
@@ -277,7 +277,7 @@ def _release_idle_pools(every_s: float = 1.0) -> None:
         with _POOLS_LOCK:
             waiting = [p for p in RUNNING_POOLS if p.needs and p.starting]
         if waiting:  # more actors than Ray holds: some wait for resources an unused pool may free
-            _make_room_for_waiting(waiting[0])
+            make_room({}, keep=waiting[0])
         with _POOLS_LOCK:
             now = time.monotonic()
             idle = [k for k, p in _POOLS.items() if p.users == 0 and now - p.last_used >= (p.idle_s or 0.0)]
@@ -288,17 +288,6 @@ def _release_idle_pools(every_s: float = 1.0) -> None:
         for pool in released:
             logger.info("%s: no work for %.0f s, releasing its actors", pool.name, pool.idle_s)
             pool.release()
-
-
-def _make_room_for_waiting(pool: ActorPool) -> None:
-    """Releases unused shared pools while the pools' actors (`pool`'s not yet started among them) exceed Ray's resources."""
-    import ray
-
-    if not ray.is_initialized():
-        return
-    total, demand = ray.cluster_resources(), _demand({})
-    if any(amount > total.get(name, 0.0) + 1e-9 for name, amount in demand.items()):
-        _release_unused(pool, reason=f"{pool.name} waits for resources: actors need {demand}")
 
 
 def release_pools() -> int:

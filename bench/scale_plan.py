@@ -336,6 +336,8 @@ def plan_stages(setup: Setup, lengths: Lengths, rates: Rates) -> list[Stage]:
     row_tokens = sequence_tokens(lp, lr_src, w.max_length, w.max_prompt_length) + 2 * sequence_tokens(
         lp, lt, w.max_length, w.max_prompt_length
     )
+    if w.packing:  # wrpo.pack_prompt: one row per example, the prompt encoded once for its three responses
+        row_tokens -= 2 * min(lp, w.max_prompt_length)
     ref_tokens = pref_rows * row_tokens
     stages.append(
         Stage(
@@ -345,7 +347,7 @@ def plan_stages(setup: Setup, lengths: Lengths, rates: Rates) -> list[Stage]:
             flops_seconds(2, t.total_b, ref_tokens, rates.forward_mfu, rates),
             quad_bytes + pref_rows * 24 / ratio,
             max_gpus=rates.reference_gpus,
-            rate="2N fwd, 3 sequences/row",
+            rate="2N fwd, " + ("prompt once per row (packed)" if w.packing else "3 sequences/row"),
         )
     )
     wrpo_tokens = ref_tokens * w.epochs
@@ -506,7 +508,7 @@ def setup_from_config(path: str, rates: Rates, n: int | None = None) -> Setup:
         reward_max_length=cfg.reward_model.max_length,
         sft_fraction=cfg.split.sft_fraction,
         sft=job(cfg.sft, cfg.sft.max_seq_length, cfg.sft.max_prompt_length, cfg.sft.packing),
-        wrpo=job(cfg.wrpo, cfg.wrpo.max_length, cfg.wrpo.max_prompt_length, False),
+        wrpo=job(cfg.wrpo, cfg.wrpo.max_length, cfg.wrpo.max_prompt_length, cfg.wrpo.pack_prompt),
         gpus_per_node=cfg.launch.nproc_per_node,
     )
 

@@ -86,6 +86,19 @@ def test_gpu_seconds_per_stage_match_hand_computation(sp):
     assert result["total_gpu_h"] == pytest.approx(total / 3600)
 
 
+def test_packed_wrpo_counts_each_prompt_once(sp):
+    """wrpo.pack_prompt (the default): the reference pass and WRPO encode the prompt once per row."""
+    setup, lengths, rates = tiny(sp)
+    setup = dataclasses.replace(setup, wrpo=dataclasses.replace(setup.wrpo, packing=True))
+    got = by_name(sp.plan_stages(setup, lengths, rates))
+    # 200 rows x (10 + 20 + 30 + 30) = 18,000 tokens (unpacked: 22,000, the prompt three times)
+    assert got["reference log-probs"].tokens == 18_000
+    assert got["WRPO"].tokens == 18_000
+    assert sp.setup_from_config(
+        str(ROOT / "configs" / "paper.yaml"), rates
+    ).wrpo.packing  # the config's default
+
+
 def test_bytes_of_a_sample_stage_by_hand(sp):
     setup, lengths, rates = tiny(sp)
     got = by_name(sp.plan_stages(setup, lengths, rates))

@@ -17,8 +17,13 @@ test split read.
 Prints the table (test accuracy and paired difference vs DPO, with intervals) and writes
 `ablation.png` (accuracy vs alpha) and `ablation.json` next to the runs.
 
-Run: `.venv/bin/python bench/fusion_quality.py --seeds 5 --eval-prompts 2000 --out runs/fusion-quality`
-     `.venv/bin/python bench/fusion_quality.py --ablation --seeds 5 --eval-prompts 2000 --out runs/fusion-quality`
+`--setting` picks one of `RUN_SETTINGS` (the same worlds, other run sizes and epochs);
+`--dev-only` scores dev alone and shows the selection view, so settings are compared without
+reading test.
+
+Run: `.venv/bin/python bench/fusion_quality.py --seeds 5 --eval-prompts 2000`
+     `.venv/bin/python bench/fusion_quality.py --ablation --setting sft-light --dev-only`  (select)
+     `.venv/bin/python bench/fusion_quality.py --ablation --setting sft-light`  (then report test)
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from wrpo_core.demo import DEFAULT_CACHE, demo_settings, fusion_config, run_toy_
 from wrpo_core.evaluation import evaluate_model
 from wrpo_core.pipeline import layout_for, run_pipeline_stage, wrpo_variant_stage
 from wrpo_core.rewards import ToyVerifierScorer
+from wrpo_core.schemas import QUADRUPLES
+from wrpo_core.toy.skills import is_correct
 from wrpo_core.toy.world import build_world
 
 MODELS = ["Target", "Target-SFT", "Target-SFT-DPO", "Target-SFT-WRPO"]
@@ -56,9 +63,38 @@ def two_level_bootstrap(
     return point, float(low), float(high)
 
 
+RUN_SETTINGS: dict[str, dict] = {
+    "demo": {},
+    "sft-1-epoch": {"sft": {"num_train_epochs": 1}},
+    "sft-light": {
+        "train_prompts": 3600,
+        "split": {"sft_fraction": 1 / 6},
+        "sft": {"num_train_epochs": 1},
+        "wrpo": {"num_train_epochs": 2},
+    },
+}
+"""Run settings on the same worlds (the models are untouched), as overrides of the demo's settings.
+
+`demo`: 1800 prompts, 1/3 of them for SFT (2 epochs), WRPO 3 epochs on the rest: Target-SFT
+already knows most of what the sources know (SFT +11 points, preference training +1.3).
+`sft-1-epoch`: SFT for 1 epoch, the paper's value. `sft-light`: 3600 prompts, 1/6 (600) for one
+SFT epoch and 3000 for preference optimization (2 epochs), so that, as in the paper (SFT +1.2
+AlpacaEval LC, DPO +23), most of the sources' knowledge reaches the target through the
+preference stage, where y_ws carries it and y_wt mostly does not. Chosen on dev (bench/RESULTS.md).
+"""
+
+
+def run_settings(name: str, *, quick: bool = False) -> dict:
+    """The demo's settings with `RUN_SETTINGS[name]` laid over them (dicts merged one level deep)."""
+    settings = demo_settings(quick=quick)
+    for key, value in RUN_SETTINGS[name].items():
+        settings[key] = {**settings.get(key, {}), **value} if isinstance(value, dict) else value
+    return settings
+
+
 def seed_world(seed: int, args: argparse.Namespace) -> tuple[dict, object, list[dict], dict[str, list[dict]]]:
     """One seed's settings, world (built or loaded), training prompts and held-out prompts by split."""
-    settings = demo_settings(quick=args.quick)
+    settings = run_settings(args.setting, quick=args.quick)
     world_config = settings["world"].model_copy(update={"seed": seed})
     settings = {**settings, "world": world_config}
     world = build_world(world_config, DEFAULT_CACHE)
@@ -124,16 +160,19 @@ def ablation_seed(
     """
     run_dir = Path(args.out) / f"seed-{seed}"
     saved = run_dir / f"ablation-{args.eval_prompts}-correct.json"
-    scores: dict[str, dict[str, list]] = (
-        json.loads(saved.read_text()) if saved.exists() else {"dev": {}, "test": {}}
-    )
+    scores: dict = json.loads(saved.read_text()) if saved.exists() else {"dev": {}, "test": {}}
+    splits = ("dev",) if args.dev_only else ("dev", "test")
     names = {"Target", "Target-SFT", *(variant_name(arm, beta) for arm in ablation_arms() for beta in betas)}
-    if all(names <= set(scores[split]) for split in ("dev", "test")):  # scored before: nothing to train
-        return {split: {name: np.array(scores[split][name]) for name in names} for split in ("dev", "test")}
     settings, world, train, held = seed_world(seed, args)
-    models, _ = run_toy_fusion(run_dir, world, train, settings)
     cfg = fusion_config(world, run_dir / "prompts.jsonl", run_dir, settings)
     layout = layout_for(cfg)
+    if all(names <= set(scores[split]) for split in splits):  # scored before: nothing to train
+        if "quadruples" not in scores:  # scored before these statistics were kept
+            scores["quadruples"] = quadruple_stats(layout.read_dataset(layout.quadruples, QUADRUPLES))
+            saved.write_text(json.dumps(scores))
+        return _seed_scores(scores, names, splits)
+    models, _ = run_toy_fusion(run_dir, world, train, settings)
+    scores["quadruples"] = quadruple_stats(layout.read_dataset(layout.quadruples, QUADRUPLES))
     trained = {variant_name((cfg.wrpo.alpha, cfg.wrpo.alpha_schedule), cfg.wrpo.beta): models["Target-SFT-WRPO"],
                variant_name((0.0, cfg.wrpo.alpha_schedule), cfg.wrpo.beta): models["Target-SFT-DPO"]}  # fmt: skip
     wanted = {"Target": models["Target"], "Target-SFT": models["Target-SFT"]}
@@ -148,8 +187,8 @@ def ablation_seed(
                 print(f"  seed {seed} {name}: {outcome} in {time.perf_counter() - started:.0f} s", flush=True)
                 trained[name] = layout.model(name)
             wanted[name] = trained[name]
-    for split, rows in held.items():
-        prompts, skills = [r["prompt"] for r in rows], [r["skill"] for r in rows]
+    for split in splits:
+        prompts, skills = [r["prompt"] for r in held[split]], [r["skill"] for r in held[split]]
         for name, path in wanted.items():
             if name in scores[split]:
                 continue
@@ -158,7 +197,34 @@ def ablation_seed(
             )
             scores[split][name] = [float(r == 1.0) for r in rewards]
             saved.write_text(json.dumps(scores))
-    return {split: {name: np.array(v) for name, v in by_name.items()} for split, by_name in scores.items()}
+    saved.write_text(json.dumps(scores))
+    return _seed_scores(scores, names, splits)
+
+
+def _seed_scores(scores: dict, names: set[str], splits: tuple[str, ...]) -> dict:
+    """A seed's saved scores as arrays, for `splits` only, with its quadruple statistics."""
+    per_split = {split: {name: np.array(scores[split][name]) for name in names} for split in splits}
+    return {**per_split, "quadruples": scores["quadruples"]}
+
+
+def quadruple_stats(quadruples) -> dict[str, float]:
+    """How much y_ws adds to y_wt on a run's preference quadruples: the reason WRPO can beat DPO or not.
+
+    Shares of rows where y_ws is exactly right, where y_wt is, and where y_wt is the same text as
+    y_ws (there WRPO's chosen term is DPO's). WRPO can only add where y_ws is right and y_wt is not.
+    """
+    rows = quadruples.select(["prompt", "y_ws", "y_wt"]).to_pylist()
+    ws_right = [is_correct(r["prompt"], r["y_ws"]) for r in rows]
+    wt_right = [is_correct(r["prompt"], r["y_wt"]) for r in rows]
+    return {
+        "rows": len(rows),
+        "y_ws_correct": float(np.mean(ws_right)),
+        "y_wt_correct": float(np.mean(wt_right)),
+        "y_wt_is_y_ws": float(np.mean([r["y_wt"].strip() == r["y_ws"].strip() for r in rows])),
+        "only_y_ws_correct": float(
+            np.mean([ws and not wt for ws, wt in zip(ws_right, wt_right, strict=True)])
+        ),
+    }
 
 
 def mean_over_seeds(per_seed: dict[int, dict[str, dict[str, np.ndarray]]], split: str, name: str) -> float:
@@ -166,9 +232,12 @@ def mean_over_seeds(per_seed: dict[int, dict[str, dict[str, np.ndarray]]], split
 
 
 def ablation_report(
-    per_seed: dict[int, dict[str, dict[str, np.ndarray]]], betas: list[float], eval_prompts: int
+    per_seed: dict[int, dict], betas: list[float], eval_prompts: int, *, report: str = "test"
 ) -> tuple[list[str], dict]:
-    """The ablation table (beta per arm and the tuned alpha chosen on dev; test reported) and its data."""
+    """The ablation table (beta per arm and the tuned alpha chosen on dev; `report` split shown) and its data.
+
+    `report="dev"` is the selection view of `--dev-only`: the test split is neither read nor shown.
+    """
     chosen = {}
     for arm in ablation_arms():
         dev = {beta: mean_over_seeds(per_seed, "dev", variant_name(arm, beta)) for beta in betas}
@@ -177,30 +246,31 @@ def ablation_report(
     tuned = max((arm for arm in ablation_arms() if arm[0] > 0 and arm[1] == "linear"),  # WRPO as published
                 key=lambda arm: mean_over_seeds(per_seed, "dev", variant_name(arm, chosen[arm])))  # fmt: skip
     seeds = sorted(per_seed)
+    shown = "test" if report == "test" else "dev (selection view, test not read)"
     lines = [
-        f"Ablations: exact accuracy, {eval_prompts} dev and {eval_prompts} test prompts x {len(seeds)} seeds "
-        f"(seeds {','.join(map(str, seeds))}); beta per arm from {betas} by mean dev accuracy; "
-        "95% CI: two-level bootstrap (seeds, then prompts); difference vs DPO paired on the same test prompts.",
+        f"Ablations: exact accuracy, {eval_prompts} dev and {eval_prompts} {report} prompts x {len(seeds)} seeds "
+        f"(seeds {','.join(map(str, seeds))}); beta per arm from {betas} by mean dev accuracy; shown: {shown}; "
+        f"95% CI: two-level bootstrap (seeds, then prompts); difference vs DPO paired on the same {report} prompts.",
         "",
-        "| arm | beta (dev) | dev acc | test acc | 95% CI | test - DPO | 95% CI | seeds > 0 |",
+        f"| arm | beta (dev) | dev acc | {report} acc | 95% CI | {report} - DPO | 95% CI | seeds > 0 |",
         "|---|---:|---:|---:|---|---:|---|---:|",
     ]
-    summary: dict = {"betas": betas, "seeds": seeds, "arms": {}}
+    summary: dict = {"betas": betas, "seeds": seeds, "report": report, "arms": {}}
     for name in ("Target", "Target-SFT"):
-        point, low, high = two_level_bootstrap([per_seed[s]["test"][name] for s in seeds])
+        point, low, high = two_level_bootstrap([per_seed[s][report][name] for s in seeds])
         dev_acc = mean_over_seeds(per_seed, "dev", name)
         lines.append(f"| {name} | - | {dev_acc:.1%} | {point:.1%} | [{low:.1%}, {high:.1%}] | | | |")
-        summary["arms"][name] = {"dev": dev_acc, "test": point, "test_ci": [low, high]}
+        summary["arms"][name] = {"dev": dev_acc, report: point, f"{report}_ci": [low, high]}
     for arm in ablation_arms():
         name = variant_name(arm, chosen[arm])
-        point, low, high = two_level_bootstrap([per_seed[s]["test"][name] for s in seeds])
+        point, low, high = two_level_bootstrap([per_seed[s][report][name] for s in seeds])
         dev_acc = mean_over_seeds(per_seed, "dev", name)
         label = arm_label(arm) + (" (tuned on dev)" if arm == tuned else "")
-        row = {"alpha": arm[0], "schedule": arm[1], "beta": chosen[arm], "dev": dev_acc, "test": point,
-               "test_ci": [low, high], "tuned": arm == tuned}  # fmt: skip
+        row = {"alpha": arm[0], "schedule": arm[1], "beta": chosen[arm], "dev": dev_acc, report: point,
+               f"{report}_ci": [low, high], "tuned": arm == tuned}  # fmt: skip
         diff_cells = " |  | "
         if name != dpo:
-            diffs = [per_seed[s]["test"][name] - per_seed[s]["test"][dpo] for s in seeds]
+            diffs = [per_seed[s][report][name] - per_seed[s][report][dpo] for s in seeds]
             d_point, d_low, d_high = two_level_bootstrap(diffs)
             wins = int(sum(d.mean() > 0 for d in diffs))
             row |= {"minus_dpo": d_point, "minus_dpo_ci": [d_low, d_high], "seeds_positive": wins}
@@ -209,6 +279,15 @@ def ablation_report(
             f"| {label} | {chosen[arm]:g} | {dev_acc:.1%} | {point:.1%} | [{low:.1%}, {high:.1%}] | {diff_cells} |"
         )
         summary["arms"][arm_label(arm)] = row
+    stats = [per_seed[s]["quadruples"] for s in seeds if "quadruples" in per_seed[s]]
+    if stats:
+        summary["quadruples"] = {key: float(np.mean([q[key] for q in stats])) for key in stats[0]}
+        q = summary["quadruples"]
+        lines.append(
+            f"\nPreference quadruples (mean of {len(stats)} seeds, {q['rows']:.0f} rows): y_ws right "
+            f"{q['y_ws_correct']:.1%}, y_wt right {q['y_wt_correct']:.1%}, y_wt the same text as y_ws "
+            f"{q['y_wt_is_y_ws']:.1%}; only y_ws right (where WRPO can add to DPO) {q['only_y_ws_correct']:.1%}."
+        )
     return lines, summary
 
 
@@ -267,11 +346,16 @@ def run_ablation(args: argparse.Namespace, order: list[int]) -> None:
     if len(per_seed) < args.seeds:
         print(f"ran seeds {order}; the table needs all {args.seeds} (rerun without --seed-order)")
         return
-    lines, summary = ablation_report(per_seed, betas, args.eval_prompts)
+    report = "dev" if args.dev_only else "test"
+    lines, summary = ablation_report(per_seed, betas, args.eval_prompts, report=report)
+    summary["setting"] = {"name": args.setting, "overrides": RUN_SETTINGS[args.setting]}
     out = Path(args.out)
-    (out / "ablation.json").write_text(json.dumps(summary, indent=2))
-    (out / "ablation.png").write_bytes(ablation_figure(summary))
-    lines.append(f"\nFigure: {out / 'ablation.png'}. Total time: {time.perf_counter() - started:.0f} s")
+    (out / f"ablation-{report}.json").write_text(json.dumps(summary, indent=2))
+    if report == "test":
+        (out / "ablation.png").write_bytes(ablation_figure(summary))
+        lines.append(f"\nFigure: {out / 'ablation.png'}.")
+    lines.insert(0, f"Run setting {args.setting!r}: {RUN_SETTINGS[args.setting] or 'the demo settings'}")
+    lines.append(f"Total time: {time.perf_counter() - started:.0f} s")
     print("\n".join(lines))
 
 
@@ -281,13 +365,20 @@ def main() -> None:
     parser.add_argument("--seed-order", default=None, help="comma-separated seeds to run, e.g. 1,2,3,4,0")
     parser.add_argument("--eval-prompts", type=int, default=2000)
     parser.add_argument("--split", choices=["test", "dev"], default="test", help="tune on dev, report test")
-    parser.add_argument("--out", default="runs/fusion-quality")
+    parser.add_argument(
+        "--setting", choices=sorted(RUN_SETTINGS), default="demo", help="run setting (RUN_SETTINGS)"
+    )
+    parser.add_argument("--out", default=None, help="default: runs/fusion-quality-<setting>")
+    parser.add_argument(
+        "--dev-only", action="store_true", help="ablation: score and show dev only (selection)"
+    )
     parser.add_argument(
         "--quick", action="store_true", help="smallest settings (smoke check, meaningless numbers)"
     )
     parser.add_argument("--ablation", action="store_true", help="the alpha sweep and y_ws / y_wt ablations")
     parser.add_argument("--betas", default="0.3,1,3", help="betas tried per ablation arm, chosen on dev")
     args = parser.parse_args()
+    args.out = args.out or f"runs/fusion-quality-{args.setting}"
     logging.basicConfig(level=logging.WARNING)
     started = time.perf_counter()
     per_seed = {}

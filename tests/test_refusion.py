@@ -147,6 +147,24 @@ def test_toy_world_paths_parse_resolve_and_make_a_valid_config(tmp_path):
     assert cfg.evaluation.prompts.path == "toy-world:smallest/held-out"
 
 
+def test_toy_prompt_files_follow_the_preset_counts(tmp_path, monkeypatch):
+    """A preset whose prompt counts changed (e.g. the demo's run setting) never gets the old cached file."""
+    import wrpo_core.toy.paths as paths
+
+    def count(path):
+        with open(resolve_path(path, tmp_path)) as handle:
+            return sum(1 for _ in handle)
+
+    assert count("toy-world:smallest/prompts") == 24
+    original = paths._presets
+    monkeypatch.setattr(
+        paths,
+        "_presets",
+        lambda: {k: {**v, "train_prompts": 30} if k == "smallest" else v for k, v in original().items()},
+    )
+    assert count("toy-world:smallest/prompts") == 30
+
+
 def test_evaluation_judges_the_fused_model_and_exports_alpaca_eval(fusion_config, tmp_path):
     held_out = tmp_path / "held-out.jsonl"
     held_out.write_text(

@@ -92,6 +92,7 @@ def toy_config_data(
             "prompts": None if held_out is None else {"path": held_out},
             "max_new_tokens": settings["max_new_tokens"],
         },
+        "split": settings.get("split", {}),
         "storage": {"url": storage_url},
         "compute": {"executor": executor},
     }
@@ -158,7 +159,10 @@ def resolve_path(path: str, cache_dir: str | os.PathLike[str] | None = None) -> 
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     if item in PROMPT_ITEMS:
         train, held_out = toy_prompt_rows(preset)
-        file = cache / f"prompts-{preset}-{_presets()[preset]['world'].cache_key()}" / f"{item}.jsonl"
+        settings = _presets()[preset]
+        # The counts are in the name: a cached file of other counts is never returned for these.
+        sizes = f"{settings['train_prompts']}-{settings['eval_prompts']}"
+        file = cache / f"prompts-{preset}-{settings['world'].cache_key()}-{sizes}" / f"{item}.jsonl"
         _write_once(file, train if item == "prompts" else held_out)
         return str(file)
     world = build_world(_presets()[preset]["world"], cache)

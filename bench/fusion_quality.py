@@ -14,16 +14,18 @@ Target-SFT on the same quadruples and stored reference log-probs. Every arm is s
 and test prompts; each arm's beta is the one with the best mean dev accuracy over seeds, the
 "tuned" WRPO is the linear-schedule alpha > 0 with the best dev accuracy, and only then is the
 test split read.
-Prints the table (test accuracy and paired difference vs DPO, with intervals) and writes
-`ablation.png` (accuracy vs alpha) and `ablation.json` next to the runs.
+Prints the table (test accuracy and paired difference vs DPO, with intervals) and the
+quadruples' statistics (how often y_wt is right, and is y_ws's own text), and writes
+`ablation.png` (accuracy vs alpha) and `ablation-test.json` next to the runs.
 
 `--setting` picks one of `RUN_SETTINGS` (the same worlds, other run sizes and epochs);
 `--dev-only` scores dev alone and shows the selection view, so settings are compared without
 reading test.
 
 Run: `.venv/bin/python bench/fusion_quality.py --seeds 5 --eval-prompts 2000`
-     `.venv/bin/python bench/fusion_quality.py --ablation --setting sft-light --dev-only`  (select)
-     `.venv/bin/python bench/fusion_quality.py --ablation --setting sft-light`  (then report test)
+     `.venv/bin/python bench/fusion_quality.py --ablation --setting sft-heavy --dev-only`  (select:
+     each setting, dev only), then `... --ablation --setting sft-light` (the chosen one: test).
+     `--seed-order 5,6,7,8,9 --out DIR` runs other worlds (built on first use, about 3 min each).
 """
 
 from __future__ import annotations
@@ -64,29 +66,36 @@ def two_level_bootstrap(
 
 
 RUN_SETTINGS: dict[str, dict] = {
-    "demo": {},
-    "sft-1-epoch": {"sft": {"num_train_epochs": 1}},
+    "sft-heavy": {
+        "train_prompts": 1800,
+        "split": {"sft_fraction": 1 / 3},
+        "sft": {"num_train_epochs": 2},
+        "wrpo": {"num_train_epochs": 3, "alpha": 0.5, "beta": 1.0},
+    },
     "sft-light": {
         "train_prompts": 3600,
         "split": {"sft_fraction": 1 / 6},
         "sft": {"num_train_epochs": 1},
-        "wrpo": {"num_train_epochs": 2},
+        "wrpo": {"num_train_epochs": 2, "alpha": 1.0, "beta": 1.0},
     },
 }
-"""Run settings on the same worlds (the models are untouched), as overrides of the demo's settings.
+"""Run settings on the same worlds (the models are untouched), laid over the demo's settings.
 
-`demo`: 1800 prompts, 1/3 of them for SFT (2 epochs), WRPO 3 epochs on the rest: Target-SFT
-already knows most of what the sources know (SFT +11 points, preference training +1.3).
-`sft-1-epoch`: SFT for 1 epoch, the paper's value. `sft-light`: 3600 prompts, 1/6 (600) for one
-SFT epoch and 3000 for preference optimization (2 epochs), so that, as in the paper (SFT +1.2
-AlpacaEval LC, DPO +23), most of the sources' knowledge reaches the target through the
+`sft-heavy` (the demo until 2026-11-29): 1800 prompts, 1/3 for SFT (2 epochs), WRPO 3 epochs on
+the rest. Target-SFT already knows most of what the sources know (SFT +11 points, preference
+training +1.3), so y_ws has little to add. `sft-light` (the demo since): 3600 prompts, 1/6 (600)
+for one SFT epoch and 3000 for preference optimization (2 epochs), so that, as in the paper (SFT
++1.2 AlpacaEval LC, DPO +23), most of the sources' knowledge reaches the target through the
 preference stage, where y_ws carries it and y_wt mostly does not. Chosen on dev (bench/RESULTS.md).
+The WRPO alpha/beta here are the run's own WRPO stage; the ablation trains every other arm.
 """
 
 
 def run_settings(name: str, *, quick: bool = False) -> dict:
-    """The demo's settings with `RUN_SETTINGS[name]` laid over them (dicts merged one level deep)."""
+    """The demo's settings with `RUN_SETTINGS[name]` laid over them (dicts merged one level deep); quick: the smoke sizes."""
     settings = demo_settings(quick=quick)
+    if quick:  # the smoke check's own sizes
+        return settings
     for key, value in RUN_SETTINGS[name].items():
         settings[key] = {**settings.get(key, {}), **value} if isinstance(value, dict) else value
     return settings
@@ -366,7 +375,7 @@ def main() -> None:
     parser.add_argument("--eval-prompts", type=int, default=2000)
     parser.add_argument("--split", choices=["test", "dev"], default="test", help="tune on dev, report test")
     parser.add_argument(
-        "--setting", choices=sorted(RUN_SETTINGS), default="demo", help="run setting (RUN_SETTINGS)"
+        "--setting", choices=sorted(RUN_SETTINGS), default="sft-light", help="run setting (RUN_SETTINGS)"
     )
     parser.add_argument("--out", default=None, help="default: runs/fusion-quality-<setting>")
     parser.add_argument(

@@ -106,8 +106,11 @@ def test_run_settings_reach_the_fusion_config(tmp_path):
     from wrpo_core.toy.paths import toy_config_data
 
     bench = load_bench()
+    from wrpo_core.toy.paths import demo_settings
+
     light = bench.run_settings("sft-light")
-    demo = bench.run_settings("demo")
+    demo = bench.run_settings("sft-heavy")  # the demo's settings before 2026-11-29's change
+    assert light == demo_settings(quick=False)  # the demo is the setting chosen on dev
     assert light["world"] == demo["world"]  # the same worlds: only the runs on them differ
     assert light["train_prompts"] == 3600 and demo["train_prompts"] == 1800
     assert light["wrpo"]["num_train_epochs"] == 2 and demo["wrpo"]["num_train_epochs"] == 3
@@ -120,7 +123,7 @@ def test_run_settings_reach_the_fusion_config(tmp_path):
     assert cfg.sft.num_train_epochs == 1 and cfg.wrpo.num_train_epochs == 2
     demo_data = toy_config_data(
         sources={"src": "model"}, target="target", prompts=str(tmp_path / "p.jsonl"), held_out=None,
-        storage_url=str(tmp_path), settings=demo, run_name="toy",
+        storage_url=str(tmp_path), settings=demo_settings(quick=True), run_name="toy",
     )  # fmt: skip
     default = FusionConfig.model_validate(demo_data)
     assert abs(default.split.sft_fraction - 1 / 3) < 1e-12  # the paper's share when a setting names none

@@ -4,6 +4,7 @@ registry, the `toy-world:` paths, and the evaluation and register pipeline."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -155,7 +156,11 @@ def test_toy_prompt_files_follow_the_preset_counts(tmp_path, monkeypatch):
         with open(resolve_path(path, tmp_path)) as handle:
             return sum(1 for _ in handle)
 
+    from wrpo_core.locations import location_fingerprint
+
     assert count("toy-world:smallest/prompts") == 24
+    before = location_fingerprint("toy-world:smallest/prompts")
+    model_before = location_fingerprint("toy-world:smallest/target")
     original = paths._presets
     monkeypatch.setattr(
         paths,
@@ -163,6 +168,18 @@ def test_toy_prompt_files_follow_the_preset_counts(tmp_path, monkeypatch):
         lambda: {k: {**v, "train_prompts": 30} if k == "smallest" else v for k, v in original().items()},
     )
     assert count("toy-world:smallest/prompts") == 30
+    # ... and the ingest stage, keyed on this fingerprint, reruns instead of keeping the old prompts
+    assert location_fingerprint("toy-world:smallest/prompts") != before
+    assert location_fingerprint("toy-world:smallest/target") == model_before  # the world itself is the same
+
+
+def test_the_deployment_default_is_the_demo_run():
+    """deployments/prefect.yaml's default config is the demo's run, field for field (it is written out by hand)."""
+    import yaml
+
+    spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "deployments" / "prefect.yaml").read_text())
+    shipped = FusionConfig.model_validate(spec["definitions"]["toy_config"]).model_dump(mode="json")
+    assert shipped == FusionConfig.model_validate(toy_fusion_parameters("demo")).model_dump(mode="json")
 
 
 def test_evaluation_judges_the_fused_model_and_exports_alpaca_eval(fusion_config, tmp_path):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from wrpo_core.storage.model_folders import fetch_model_folder, is_storage_url
 from wrpo_core.storage.provenance import digest
-from wrpo_core.toy.paths import is_toy_path, resolve_path
+from wrpo_core.toy.paths import is_toy_path, resolve_path, toy_path_version
 
 
 def resolve_location(path: str) -> str:
@@ -35,11 +35,12 @@ def location_fingerprint(path: str) -> str | None:
     """What identifies the current content at `path`, so an edited prompt file is read again.
 
     A digest of every file's name, size and modification tag (ETag or mtime); a `toy-world:`
-    path is its own fingerprint (the world is rebuilt only when its config changes); None for
+    path is its `toy_path_version` (the path, its world's cache key and the preset's prompt
+    counts: the files behind it change only with those); None for
     what fsspec cannot stat (a hub dataset id: pin a revision-specific path instead).
     """
     if is_toy_path(path):
-        return path
+        return toy_path_version(path)
     import fsspec
 
     try:

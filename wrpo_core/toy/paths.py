@@ -154,6 +154,17 @@ def _write_once(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)  # atomic: readers never see half a file
 
 
+def toy_path_version(path: str) -> str:
+    """What a `toy-world:` path stands for now, without building anything: the path, its world's cache
+    key and, for prompt files, the preset's prompt counts. A stage keyed on it reruns when they change."""
+    preset, item = parse_toy_path(path)
+    settings = _presets()[preset]
+    version = f"{path}@{settings['world'].cache_key()}"
+    if item in PROMPT_ITEMS:
+        version += f"-{settings['train_prompts']}-{settings['eval_prompts']}"
+    return version
+
+
 def resolve_path(path: str, cache_dir: str | os.PathLike[str] | None = None) -> str:
     """The local folder/file behind a `toy-world:` path (building the world once); other paths as given."""
     if not is_toy_path(path):

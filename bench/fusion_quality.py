@@ -170,6 +170,14 @@ def ablation_seed(
     run_dir = Path(args.out) / f"seed-{seed}"
     saved = run_dir / f"ablation-{args.eval_prompts}-correct.json"
     scores: dict = json.loads(saved.read_text()) if saved.exists() else {"dev": {}, "test": {}}
+    identity = setting_identity(args)
+    if saved.exists() and "setting" not in scores:  # saved before settings were recorded: this run's
+        saved.write_text(json.dumps({**scores, "setting": identity}))
+    if scores.setdefault("setting", identity) != identity:
+        raise SystemExit(
+            f"{saved} holds scores of run setting {scores['setting']}, not {identity}: "
+            "pass another --out (each setting needs its own folder)"
+        )
     splits = ("dev",) if args.dev_only else ("dev", "test")
     names = {"Target", "Target-SFT", *(variant_name(arm, beta) for arm in ablation_arms() for beta in betas)}
     settings, world, train, held = seed_world(seed, args)
@@ -208,6 +216,17 @@ def ablation_seed(
             saved.write_text(json.dumps(scores))
     saved.write_text(json.dumps(scores))
     return _seed_scores(scores, names, splits)
+
+
+def setting_identity(args: argparse.Namespace) -> dict:
+    """What in a run setting makes its scores: the overrides (or the smoke sizes), less the run's own
+    WRPO alpha / beta, which no arm depends on (every arm is trained and named with its own)."""
+    if args.quick:
+        return {"quick": True}
+    overrides = json.loads(json.dumps(RUN_SETTINGS[args.setting]))
+    for key in ("alpha", "beta"):
+        overrides.get("wrpo", {}).pop(key, None)
+    return overrides
 
 
 def _seed_scores(scores: dict, names: set[str], splits: tuple[str, ...]) -> dict:
@@ -387,7 +406,9 @@ def main() -> None:
     parser.add_argument("--ablation", action="store_true", help="the alpha sweep and y_ws / y_wt ablations")
     parser.add_argument("--betas", default="0.3,1,3", help="betas tried per ablation arm, chosen on dev")
     args = parser.parse_args()
-    args.out = args.out or f"runs/fusion-quality-{args.setting}"
+    if args.dev_only and not args.ablation:
+        parser.error("--dev-only is the ablation's selection view: use it with --ablation")
+    args.out = args.out or f"runs/fusion-quality-{'quick' if args.quick else args.setting}"
     logging.basicConfig(level=logging.WARNING)
     started = time.perf_counter()
     per_seed = {}

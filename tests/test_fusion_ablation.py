@@ -6,11 +6,14 @@ test would pick other settings; differences vs DPO are paired by hand.
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "fusion_quality.py"
 
@@ -85,18 +88,19 @@ def test_quadruple_stats_by_hand():
     bench = load_bench()
     rows = pa.table(
         {
-            "prompt": ["reverse: abc", "reverse: abc", "upper: ab", "sort_digits: 3120"],
-            "y_ws": ["cba", "cba", "AB", "0123"],
-            "y_wt": ["cba", "cab", "AB ", "0132"],  # same; wrong; right (whitespace ignored); both differ
+            "prompt": ["reverse: abc", "reverse: abc", "upper: ab", "sort_digits: 3120", "upper: xy"],
+            "y_ws": ["cba", "cba", "AB", "0123", "XZ"],
+            # same, right; wrong; right (whitespace ignored); wrong; the same WRONG text as y_ws
+            "y_wt": ["cba", "cab", "AB ", "0132", "XZ"],
         }
     )
     stats = bench.quadruple_stats(rows)
     assert stats == {
-        "rows": 4,
-        "y_ws_correct": 1.0,
-        "y_wt_correct": 0.5,
-        "y_wt_is_y_ws": 0.5,
-        "only_y_ws_correct": 0.5,
+        "rows": 5,
+        "y_ws_correct": 0.8,
+        "y_wt_correct": 0.4,
+        "y_wt_is_y_ws": 0.6,  # rows 1, 3 and 5: the same text whether right or not
+        "only_y_ws_correct": 0.4,  # rows 2 and 4
     }
 
 
@@ -111,7 +115,6 @@ def test_run_settings_reach_the_fusion_config(tmp_path):
     light = bench.run_settings("sft-light")
     demo = bench.run_settings("sft-heavy")  # the demo's settings before 2026-11-29's change
     assert light == demo_settings(quick=False)  # the demo is the setting chosen on dev
-    assert light["world"] == demo["world"]  # the same worlds: only the runs on them differ
     assert light["train_prompts"] == 3600 and demo["train_prompts"] == 1800
     assert light["wrpo"]["num_train_epochs"] == 2 and demo["wrpo"]["num_train_epochs"] == 3
     data = toy_config_data(
@@ -127,3 +130,70 @@ def test_run_settings_reach_the_fusion_config(tmp_path):
     )  # fmt: skip
     default = FusionConfig.model_validate(demo_data)
     assert abs(default.split.sft_fraction - 1 / 3) < 1e-12  # the paper's share when a setting names none
+
+
+def fake_ablation_run(bench, monkeypatch, tmp_path, held: dict):
+    """ablation_seed with the world, pipeline, training and evaluation replaced by stand-ins; returns the
+    (model, split size) pairs evaluated."""
+    import argparse
+    import types
+
+    import pyarrow as pa
+
+    evaluated = []
+    layout = types.SimpleNamespace(
+        quadruples="q",
+        model=lambda name: f"models/{name}",
+        read_dataset=lambda key, schema: pa.table({"prompt": ["upper: ab"], "y_ws": ["AB"], "y_wt": ["Ab"]}),
+    )
+    monkeypatch.setattr(bench, "seed_world", lambda seed, args: ({"max_new_tokens": 4}, None, [], held))
+    from wrpo_core.config import FusionConfig
+    from wrpo_core.toy.paths import toy_config_data
+
+    real = FusionConfig.model_validate(toy_config_data(
+        sources={"src": "model"}, target="target", prompts=str(tmp_path / "p.jsonl"), held_out=None,
+        storage_url=str(tmp_path), settings=bench.run_settings("sft-light"), run_name="toy"))  # fmt: skip
+    monkeypatch.setattr(bench, "fusion_config", lambda *a, **k: types.SimpleNamespace(wrpo=real.wrpo))
+    monkeypatch.setattr(bench, "layout_for", lambda cfg: layout)
+    monkeypatch.setattr(bench, "run_toy_fusion", lambda *a, **k: (
+        {"Target": "t", "Target-SFT": "sft", "Target-SFT-WRPO": "w", "Target-SFT-DPO": "d"}, {}))  # fmt: skip
+    monkeypatch.setattr(bench, "wrpo_variant_stage", lambda *a: None)
+    monkeypatch.setattr(bench, "run_pipeline_stage", lambda *a, **k: ("ran", {}))
+
+    def evaluate(path, prompts, skills, scorer, max_new_tokens):
+        evaluated.append((path, len(prompts)))
+        return {}, [1.0] * len(prompts)
+
+    monkeypatch.setattr(bench, "evaluate_model", evaluate)
+    (tmp_path / "seed-0").mkdir(exist_ok=True)
+
+    def run(dev_only: bool, setting: str = "sft-light"):
+        args = argparse.Namespace(
+            out=str(tmp_path), eval_prompts=3, dev_only=dev_only, quick=False, setting=setting
+        )
+        return bench.ablation_seed(0, args, [1.0])
+
+    return evaluated, run
+
+
+def test_dev_only_ablation_never_scores_test(tmp_path, monkeypatch):
+    """`--dev-only` trains and scores every arm on dev; the test split is never evaluated (here it is not
+    even there: held-out rows for dev only), and the saved scores record the run setting."""
+    bench = load_bench()
+    dev_rows = [{"prompt": "upper: ab", "skill": "upper"}] * 3
+    evaluated, run = fake_ablation_run(bench, monkeypatch, tmp_path, {"dev": dev_rows})
+    scores = run(dev_only=True)
+    assert (
+        set(scores) == {"dev", "quadruples"} and len(scores["dev"]) == 2 + 7
+    )  # Target, SFT, 7 arms at beta 1
+    assert evaluated and all(n == 3 for _, n in evaluated) and len(evaluated) == 9
+    saved = json.loads((tmp_path / "seed-0" / "ablation-3-correct.json").read_text())
+    assert saved["test"] == {} and saved["setting"] == bench.setting_identity(
+        argparse_namespace(setting="sft-light")
+    )
+    with pytest.raises(SystemExit, match="holds scores of run setting"):  # another setting, same folder
+        run(dev_only=True, setting="sft-heavy")
+
+
+def argparse_namespace(**fields) -> argparse.Namespace:
+    return argparse.Namespace(quick=False, **fields)

@@ -154,15 +154,18 @@ def _write_once(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)  # atomic: readers never see half a file
 
 
+def _version_key(preset: str, item: str) -> str:
+    """The preset's world cache key and, for prompt files, its prompt counts: what the files behind
+    `toy-world:<preset>/<item>` depend on."""
+    settings = _presets()[preset]
+    key = settings["world"].cache_key()
+    return f"{key}-{settings['train_prompts']}-{settings['eval_prompts']}" if item in PROMPT_ITEMS else key
+
+
 def toy_path_version(path: str) -> str:
     """What a `toy-world:` path stands for now, without building anything: the path, its world's cache
     key and, for prompt files, the preset's prompt counts. A stage keyed on it reruns when they change."""
-    preset, item = parse_toy_path(path)
-    settings = _presets()[preset]
-    version = f"{path}@{settings['world'].cache_key()}"
-    if item in PROMPT_ITEMS:
-        version += f"-{settings['train_prompts']}-{settings['eval_prompts']}"
-    return version
+    return f"{path}@{_version_key(*parse_toy_path(path))}"
 
 
 def resolve_path(path: str, cache_dir: str | os.PathLike[str] | None = None) -> str:
@@ -175,10 +178,8 @@ def resolve_path(path: str, cache_dir: str | os.PathLike[str] | None = None) -> 
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     if item in PROMPT_ITEMS:
         train, held_out = toy_prompt_rows(preset)
-        settings = _presets()[preset]
         # The counts are in the name: a cached file of other counts is never returned for these.
-        sizes = f"{settings['train_prompts']}-{settings['eval_prompts']}"
-        file = cache / f"prompts-{preset}-{settings['world'].cache_key()}-{sizes}" / f"{item}.jsonl"
+        file = cache / f"prompts-{preset}-{_version_key(preset, item)}" / f"{item}.jsonl"
         _write_once(file, train if item == "prompts" else held_out)
         return str(file)
     world = build_world(_presets()[preset]["world"], cache)

@@ -72,18 +72,13 @@ RUN_SETTINGS: dict[str, dict] = {
         "sft": {"num_train_epochs": 2},
         "wrpo": {"num_train_epochs": 3, "alpha": 0.5, "beta": 1.0},
     },
-    "sft-light": {
-        "train_prompts": 3600,
-        "split": {"sft_fraction": 1 / 6},
-        "sft": {"num_train_epochs": 1},
-        "wrpo": {"num_train_epochs": 2, "alpha": 1.0, "beta": 1.0},
-    },
+    "sft-light": {},  # the demo's own settings (wrpo_core/toy/paths.py demo_settings)
 }
 """Run settings on the same worlds (the models are untouched), laid over the demo's settings.
 
 `sft-heavy` (the demo until 2026-11-29): 1800 prompts, 1/3 for SFT (2 epochs), WRPO 3 epochs on
 the rest. Target-SFT already knows most of what the sources know (SFT +11 points, preference
-training +1.3), so y_ws has little to add. `sft-light` (the demo since): 3600 prompts, 1/6 (600)
+training +1.3), so y_ws has little to add. `sft-light` (the demo's settings since): 3600 prompts, 1/6 (600)
 for one SFT epoch and 3000 for preference optimization (2 epochs), so that, as in the paper (SFT
 +1.2 AlpacaEval LC, DPO +23), most of the sources' knowledge reaches the target through the
 preference stage, where y_ws carries it and y_wt mostly does not. Chosen on dev (bench/RESULTS.md).
@@ -180,13 +175,15 @@ def ablation_seed(
         )
     splits = ("dev",) if args.dev_only else ("dev", "test")
     names = {"Target", "Target-SFT", *(variant_name(arm, beta) for arm in ablation_arms() for beta in betas)}
+    scored = all(names <= set(scores[split]) for split in splits)
+    if scored and "quadruples" in scores:  # nothing to train, score or read
+        return _seed_scores(scores, names, splits)
     settings, world, train, held = seed_world(seed, args)
     cfg = fusion_config(world, run_dir / "prompts.jsonl", run_dir, settings)
     layout = layout_for(cfg)
-    if all(names <= set(scores[split]) for split in splits):  # scored before: nothing to train
-        if "quadruples" not in scores:  # scored before these statistics were kept
-            scores["quadruples"] = quadruple_stats(layout.read_dataset(layout.quadruples, QUADRUPLES))
-            saved.write_text(json.dumps(scores))
+    if scored:  # scored before the quadruple statistics were kept
+        scores["quadruples"] = quadruple_stats(layout.read_dataset(layout.quadruples, QUADRUPLES))
+        saved.write_text(json.dumps(scores))
         return _seed_scores(scores, names, splits)
     models, _ = run_toy_fusion(run_dir, world, train, settings)
     scores["quadruples"] = quadruple_stats(layout.read_dataset(layout.quadruples, QUADRUPLES))
@@ -219,14 +216,15 @@ def ablation_seed(
 
 
 def setting_identity(args: argparse.Namespace) -> dict:
-    """What in a run setting makes its scores: the overrides (or the smoke sizes), less the run's own
-    WRPO alpha / beta, which no arm depends on (every arm is trained and named with its own)."""
+    """What in a run setting makes its scores (or the smoke sizes): prompt count, split and epochs of
+    the settings the run uses, not the run's own WRPO alpha / beta, which no arm depends on (every arm
+    is trained and named with its own)."""
     if args.quick:
         return {"quick": True}
-    overrides = json.loads(json.dumps(RUN_SETTINGS[args.setting]))
-    for key in ("alpha", "beta"):
-        overrides.get("wrpo", {}).pop(key, None)
-    return overrides
+    settings = run_settings(args.setting)
+    wrpo = {key: value for key, value in settings["wrpo"].items() if key not in ("alpha", "beta")}
+    return {"train_prompts": settings["train_prompts"], "split": settings.get("split", {}),
+            "sft": settings["sft"], "wrpo": wrpo}  # fmt: skip
 
 
 def _seed_scores(scores: dict, names: set[str], splits: tuple[str, ...]) -> dict:

@@ -10,7 +10,6 @@ missing is a permanent error). Tokenizer and model are loaded at the spec's `rev
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from wrpo_core.config import RewardModelSpec
+from wrpo_core.kv_cache import cache_keyword, plain_dynamic_cache, prefill
 from wrpo_core.remote_code import check_remote_code, remote_code_import_error
 from wrpo_core.schemas import SCORES, DataError, conform
 
@@ -83,8 +83,8 @@ def prefix_batches(
 
     Conversations of one prompt (up to `batch_size` at a time) form a unit whose common leading
     tokens (`shared_prefix_length`: the chat-templated prompt) go through the model once per batch;
-    a unit of one conversation shares nothing (length 0). Units are sorted longest prefix, then
-    longest remainder, first (little padding in either pass) and packed into batches of at most
+    a unit of one conversation shares nothing (length 0). Units are sorted longest remainder, then
+    longest prefix, first (little padding in either pass) and packed into batches of at most
     `batch_size` conversations.
     """
     by_prompt: dict[str, list[int]] = {}
@@ -128,11 +128,6 @@ def right_padded(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor,
     return ids, mask
 
 
-def cache_keyword(model: torch.nn.Module) -> str:
-    """The keyword a model's forward takes its KV cache under: `past_key_values` (transformers 5.20), else `cache`."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def shares_prefixes(model: torch.nn.Module) -> bool:
     """Whether `model` can score a batch's shared prompt prefixes once, through its KV cache.
 
@@ -141,16 +136,13 @@ def shares_prefixes(model: torch.nn.Module) -> bool:
     Custom code (ArmoRM reads positions in the whole conversation) and sliding-window or
     linear-attention models are scored whole.
     """
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
     from transformers.modeling_layers import GenericForSequenceClassification
 
     if not isinstance(model, GenericForSequenceClassification):
         return False
     if not type(model).__module__.startswith("transformers."):
         return False
-    layers = DynamicCache(config=model.config).layers
-    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+    return plain_dynamic_cache(model) is not None
 
 
 class SequenceClassifierScorer:
@@ -293,15 +285,12 @@ class SequenceClassifierScorer:
 
     def _prefix_cache(self, prefixes: list[tuple[int, ...]], pad: int) -> tuple[DynamicCache, torch.Tensor]:
         """The decoder's KV cache over `prefixes` (right-padded, one row each) and their attention mask."""
-        from transformers import DynamicCache
-
         device = self.model.device
         ids, mask = right_padded(prefixes, pad)
-        cache = DynamicCache(config=self.model.config)
-        base = self.model.base_model  # without the classification head: only the cache is wanted
-        base(input_ids=ids.to(device), attention_mask=mask.to(device),
-             position_ids=torch.arange(ids.shape[1]).expand(len(prefixes), -1).to(device), use_cache=True,
-             **{cache_keyword(base): cache})  # fmt: skip
+        positions = torch.arange(ids.shape[1]).expand(len(prefixes), -1)
+        cache = prefill(
+            self.model, plain_dynamic_cache(self.model), ids.to(device), mask.to(device), positions.to(device)
+        )
         return cache, mask
 
     @staticmethod

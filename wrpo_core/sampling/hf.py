@@ -25,7 +25,6 @@ neighbours (vLLM budgets each request by its own prompt).
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,9 +41,9 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
-from transformers.cache_utils import DynamicLayer
 
 from wrpo_core.config import SamplingConfig
+from wrpo_core.kv_cache import cache_keyword, plain_dynamic_cache, prefill
 from wrpo_core.sampling.common import SampleRows, SamplingReport, encode_prompts, response_budget, sample_seed
 from wrpo_core.tokenization import PositionLimit, model_max_positions, stop_token_ids
 
@@ -100,9 +99,10 @@ def sample_tokens(scores: torch.Tensor, u: torch.Tensor, *, temperature: float, 
     order = None
     if top_p < 1.0:
         probs, order = probs.sort(dim=-1, descending=True, stable=True)
-    cumulative = probs.double().cumsum(-1)
+    probs64 = probs.double()
+    cumulative = probs64.cumsum(-1)
     if order is not None:
-        kept = ((cumulative - probs.double()) < top_p).sum(-1, keepdim=True)
+        kept = ((cumulative - probs64) < top_p).sum(-1, keepdim=True)
     else:
         kept = torch.full((len(probs), 1), probs.shape[-1], dtype=torch.long, device=probs.device)
     target = u.to(cumulative.device).unsqueeze(-1) * cumulative.gather(-1, kept - 1)
@@ -134,15 +134,6 @@ class PerRowSampling(LogitsProcessor):
         tokens = self.draw(scores, input_ids.shape[-1] - self.prompt_width).to(scores.device)
         forced = torch.full_like(scores, float("-inf"))
         return forced.scatter_(-1, tokens.unsqueeze(-1), 0.0)
-
-
-def cache_keyword(model: torch.nn.Module) -> str:
-    """The keyword a model's forward (and `generate`) takes its KV cache under.
-
-    `past_key_values` in transformers 5.20 (the GPU lock), `cache` in later 5.x releases (which still
-    accept the old name with a FutureWarning).
-    """
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def completion(tokens: list[int], stops: set[int]) -> tuple[list[int], bool]:
@@ -218,14 +209,10 @@ class HFSampler:
             return None
         if getattr(defaults, "cache_implementation", None) is not None or defaults.use_cache is False:
             return None
-        cache = DynamicCache(config=self.model.config.get_text_config(decoder=True))
-        if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
+        cache = plain_dynamic_cache(self.model)
+        if cache is None:
             return None
-        base = self.model.base_model  # the decoder without the LM head: only its cache is wanted
-        base(
-            input_ids=input_ids[:, :-1], attention_mask=attention[:, :-1],
-            position_ids=position_ids_of(attention[:, :-1]), use_cache=True, **{cache_keyword(base): cache},
-        )  # fmt: skip
+        prefill(self.model, cache, input_ids[:, :-1], attention[:, :-1], position_ids_of(attention[:, :-1]))
         cache.batch_repeat_interleave(n)
         return cache
 
@@ -266,7 +253,8 @@ class HFSampler:
             logits_processor=LogitsProcessorList([sampling]),
             **({cache_keyword(self.model): cache} if cache is not None else {}),
         )
-        cut = [completion(tokens, set(stops)) for tokens in out[:, width:].cpu().tolist()]
+        stop_set = set(stops)
+        cut = [completion(tokens, stop_set) for tokens in out[:, width:].cpu().tolist()]
         texts = self.tokenizer.batch_decode([tokens for tokens, _ in cut], skip_special_tokens=True)
         for (pid, ids, k), seed, text, (tokens, finished) in zip(rows, seeds, texts, cut, strict=True):
             sink.add(pid, k, text, finished=finished, prompt_tokens=len(ids),

@@ -30,7 +30,7 @@ import pyarrow as pa
 import torch
 from transformers import LlamaForSequenceClassification
 
-from wrpo_core.actor_pools import ActorPool
+from wrpo_core.actor_pools import ActorPool, actor_options
 from wrpo_core.config import ComputeConfig, ModelSpec, RewardModelSpec, SamplingConfig
 from wrpo_core.fanout import SamplingWorker, plan_shards, run_shards, sample_model
 from wrpo_core.prompts import prompt_id_of
@@ -134,6 +134,7 @@ def bench_actors(
 
     spec = ModelSpec(path=model_dir, name="m", sampling={"n": n, "max_new_tokens": max_new_tokens})
     cold, warm = {}, {}
+    compute = ComputeConfig()  # the actor shape sample_model gives the cold side
     for actors in (1, 2):
         storage = (str(out / f"actors-{actors}"), {})
         _, cold[actors] = timed(
@@ -141,9 +142,14 @@ def bench_actors(
                 spec, prompts, st, "samples/m", ComputeConfig(), shard_size=shard_size, num_actors=a
             )
         )
-        worker = ray.remote(SamplingWorker).options(num_cpus=1)
+        worker = ray.remote(SamplingWorker).options(**actor_options(spec, compute))
         table, root = ray.put(prompts), str(out / f"warm-{actors}")
-        pool = ActorPool(lambda w=worker, t=table, r=root: w.remote(spec, t, (r, {}), device="cpu"), actors)
+        pool = ActorPool(
+            lambda w=worker, t=table, r=root: w.remote(
+                spec, t, (r, {}), device="cpu", num_cpus=compute.num_cpus_per_actor
+            ),
+            actors,
+        )
         storage_now = Storage.open(root)
         warm_up = plan_shards(actors * shard_size, shard_size, "warm-up")  # one shard per actor: each loads
         run_shards(pool, storage_now, warm_up, _run_call)

@@ -220,9 +220,10 @@ def test_vllm_requests_fit_the_engines_max_model_len(toy_tokenizer, monkeypatch)
 def test_a_model_naming_its_own_cache_is_prefilled_by_generate(model, toy_tokenizer):
     """generate refuses a given cache next to generation_config.cache_implementation: no shared prefill then."""
     shared, _ = sampler(model, toy_tokenizer, batch_size=5).sample(IDS, PROMPTS)
+    before = model.generation_config.cache_implementation
     model.generation_config.cache_implementation = "dynamic"
     try:
         own, _ = sampler(model, toy_tokenizer, batch_size=5).sample(IDS, PROMPTS)
     finally:
-        model.generation_config.cache_implementation = None
+        model.generation_config.cache_implementation = before
     assert rows(own) == rows(shared)

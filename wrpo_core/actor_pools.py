@@ -23,6 +23,12 @@ from wrpo_core.config import ComputeConfig, ModelSpec
 logger = logging.getLogger(__name__)
 
 
+def _bundles(tp: int, compute: ComputeConfig) -> list[dict[str, float]]:
+    """The placement group of a tensor-parallel replica: one GPU per rank; the replica itself runs in
+    the first bundle, beside rank 0, so that bundle holds its CPUs."""
+    return [{"GPU": 1, "CPU": max(1.0, compute.num_cpus_per_actor)}] + [{"GPU": 1, "CPU": 1}] * (tp - 1)
+
+
 def actor_options(spec: ModelSpec | None, compute: ComputeConfig) -> dict[str, Any]:
     """Ray resources of one replica: GPUs = tensor-parallel size; a new placement group when > 1 (the
     caller removes it with the replica)."""
@@ -32,9 +38,7 @@ def actor_options(spec: ModelSpec | None, compute: ComputeConfig) -> dict[str, A
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        # The replica itself runs in the first bundle, beside rank 0: that bundle holds its CPUs.
-        first = {"GPU": 1, "CPU": max(1.0, compute.num_cpus_per_actor)}
-        group = placement_group([first] + [{"GPU": 1, "CPU": 1}] * (tp - 1), strategy="STRICT_PACK")
+        group = placement_group(_bundles(tp, compute), strategy="STRICT_PACK")
         strategy = PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)
         # vLLM starts one worker per rank inside the group; the actor itself holds no GPU.
         return {"num_cpus": compute.num_cpus_per_actor, "num_gpus": 0, "scheduling_strategy": strategy}
@@ -44,8 +48,9 @@ def actor_options(spec: ModelSpec | None, compute: ComputeConfig) -> dict[str, A
 def actor_needs(spec: ModelSpec | None, compute: ComputeConfig) -> dict[str, float]:
     """The Ray resources one replica takes (`actor_options`), placement-group bundles included."""
     tp = spec.tensor_parallel_size if spec is not None else 1
-    if tp > 1:  # the placement group's bundles (see actor_options), without creating one
-        return {"CPU": max(1.0, compute.num_cpus_per_actor) + tp - 1, "GPU": float(tp)}
+    if tp > 1:  # the placement group's bundles, without creating one
+        bundles = _bundles(tp, compute)
+        return {key: float(sum(b[key] for b in bundles)) for key in ("CPU", "GPU")}
     options = actor_options(spec, compute)
     return {"CPU": float(options["num_cpus"]), "GPU": float(options["num_gpus"])}
 

@@ -18,8 +18,6 @@ machine's CPUs) and on an existing cluster (`address`).
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import os
 import subprocess
@@ -48,6 +46,7 @@ from wrpo_core.rewards import load_scorer, score_samples
 from wrpo_core.sampling import load_sampler
 from wrpo_core.schemas import SAMPLES, SCORES
 from wrpo_core.storage import Storage, StorageAccess
+from wrpo_core.storage.provenance import digest
 
 logger = logging.getLogger(__name__)
 
@@ -105,13 +104,12 @@ def _load(load: Callable[[], Any]) -> tuple[Any, Exception | None]:
 
 
 def _actor_id() -> str | None:
-    """The Ray actor this runs in (which replica did a shard), or None outside an actor."""
-    try:
-        import ray
+    """The Ray actor this runs in (which replica did a shard), or None outside an actor.
 
-        return ray.get_runtime_context().get_actor_id()
-    except Exception:
-        return None
+    Without Ray running there is none: asking Ray's runtime context then would start a local Ray."""
+    import ray
+
+    return ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
 
 
 class SamplingWorker:
@@ -449,7 +447,7 @@ def reward_pool(
 
     init_ray(compute)
     settings = [spec.model_dump(mode="json"), list(StorageAccess(*storage)), compute.model_dump(mode="json")]
-    key = "score:" + hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+    key = "score:" + digest(settings)
     actor_class = ray.remote(ScoringWorker).options(**actor_options(None, compute))
 
     def make_actor():

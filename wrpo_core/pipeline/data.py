@@ -181,13 +181,11 @@ def score_on_ray(
         cfg.reward_model, layout.read_dataset(layout.prompts, PROMPTS), layout.storage.access(),
         sample_shards, out_key, cfg.compute, tag=tag, on_progress=_in_unit(on_progress, "shards"),
     )  # fmt: skip
-    layout.register_dataset(out_key, SCORES, _shard_files(shards, results))
-    scored = sum(r["scored"] for r in results.values())
+    scored = layout.register_dataset(out_key, SCORES, _shard_files(shards, results))["rows"]
     total = sum(r["score_sum"] for r in results.values())
     for shard in shards:
-        if shard.index not in results:  # written by an earlier attempt of this stage
-            earlier = layout.storage.read_table(shard.out_key, SCORES)["score"]
-            scored, total = scored + len(earlier), total + (pc.sum(earlier).as_py() or 0.0)
+        if shard.index not in results:  # written by an earlier attempt of this stage: its sum is read back
+            total += pc.sum(layout.storage.read_table(shard.out_key, SCORES)["score"]).as_py() or 0.0
     return {"model": model, "scored": scored, "mean_reward": total / scored if scored else None,
             "actors": sorted({r["actor"] for r in results.values() if r.get("actor")})}  # fmt: skip
 

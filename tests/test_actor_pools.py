@@ -84,9 +84,9 @@ def test_while_a_running_pools_actor_finds_no_room_unused_shared_pools_are_relea
     actor_pools.release_pools()
     checked = []
 
-    def full(needs, *, keep=None):  # as make_room when the pools' actors ask for more than Ray has
+    def full(needs):  # as make_room when the pools' actors ask for more than Ray has
         checked.append(needs)
-        actor_pools._release_unused(keep, reason="test: Ray is full")
+        actor_pools._release_unused(reason="test: Ray is full")
         return False
 
     monkeypatch.setattr(actor_pools, "make_room", full)

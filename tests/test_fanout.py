@@ -222,7 +222,7 @@ def score(tmp_path, name, shards, tag="", replicas=1):
                        (str(tmp_path), {}), shards, f"scores/{name}", compute, tag=tag)  # fmt: skip
 
 
-def test_the_reward_model_is_loaded_once_for_every_model_scored(local_ray, tmp_path, tiny_model_dir):
+def test_the_reward_model_is_loaded_once_for_every_model_scored(local_ray, tmp_path):
     """Score stages of three models run on one reward-model replica (loaded once), until released."""
     release_pools()
     sampled = write_samples(tmp_path, ["a", "b", "c"])
@@ -238,7 +238,7 @@ def test_the_reward_model_is_loaded_once_for_every_model_scored(local_ray, tmp_p
     release_pools()
 
 
-def test_concurrent_score_stages_share_the_replica(local_ray, tmp_path, tiny_model_dir):
+def test_concurrent_score_stages_share_the_replica(local_ray, tmp_path):
     """The flow's concurrent score stages: one replica for all, every row scored exactly once."""
     release_pools()
     sampled = write_samples(tmp_path, ["a", "b", "c"])

@@ -89,7 +89,6 @@ class ActorPool:
         self._lock = threading.Lock()
         self.loads = 0
         self.users = 0  # stages using it now (shared pools; changed under _POOLS_LOCK)
-        self.release_when_unused = False
         self.last_used = time.monotonic()
 
     def actors(self, wanted: int) -> list[Any]:
@@ -101,7 +100,7 @@ class ActorPool:
         with self._lock:
             missing = min(wanted, self.size) - len(self._actors)
         if missing > 0:
-            make_room({k: v * missing for k, v in self.needs.items()}, keep=self)
+            make_room({k: v * missing for k, v in self.needs.items()})
         with self._lock:
             while len(self._actors) < min(wanted, self.size):
                 self._actors.append(self._make())
@@ -201,7 +200,7 @@ def _demand(extra: dict[str, float]) -> dict[str, float]:
     return dict(demand)
 
 
-def make_room(needs: dict[str, float], *, keep: ActorPool | None = None) -> bool:
+def make_room(needs: dict[str, float]) -> bool:
     """Whether Ray's resources hold `needs` beside the actors this process's pools already have; if
     not, releases the shared pools nobody is using.
 
@@ -216,15 +215,14 @@ def make_room(needs: dict[str, float], *, keep: ActorPool | None = None) -> bool
     total, demand = ray.cluster_resources(), _demand(needs)
     if all(amount <= total.get(name, 0.0) + 1e-9 for name, amount in demand.items()):
         return True
-    _release_unused(
-        keep, reason=f"actors need {demand}, Ray has { ({k: total.get(k, 0.0) for k in demand}) }"
-    )
+    _release_unused(reason=f"actors need {demand}, Ray has { ({k: total.get(k, 0.0) for k in demand}) }")
     return False
 
 
-def _release_unused(keep: ActorPool | None, *, reason: str) -> int:
+def _release_unused(*, reason: str) -> int:
+    """Releases the shared pools no stage is using (the caller's own pool is in use, so it stays)."""
     with _POOLS_LOCK:
-        unused = [k for k, p in _POOLS.items() if p.users == 0 and p is not keep]
+        unused = [k for k, p in _POOLS.items() if p.users == 0]
         released = [_POOLS.pop(k) for k in unused]
     for pool in released:
         logger.info("%s: releasing its idle actors (%s)", pool.name, reason)
@@ -267,7 +265,8 @@ def shared_pool(
         with _POOLS_LOCK:
             pool.users -= 1
             pool.last_used = time.monotonic()
-            release_now = pool.users == 0 and pool.release_when_unused
+            # Dropped from the pools while in use (release_pools, a Ray restart): released by its last user.
+            release_now = pool.users == 0 and _POOLS.get(key) is not pool
         if release_now:
             pool.release()
 
@@ -282,10 +281,10 @@ def _release_idle_pools(every_s: float = 1.0) -> None:
         with _POOLS_LOCK:
             waiting = [p for p in RUNNING_POOLS if p.needs and p.starting]
         if waiting:  # more actors than Ray holds: some wait for resources an unused pool may free
-            make_room({}, keep=waiting[0])
+            make_room({})
         with _POOLS_LOCK:
             now = time.monotonic()
-            idle = [k for k, p in _POOLS.items() if p.users == 0 and now - p.last_used >= (p.idle_s or 0.0)]
+            idle = [k for k, p in _POOLS.items() if p.users == 0 and now - p.last_used >= p.idle_s]
             released = [_POOLS.pop(k) for k in idle]
             if not _POOLS and not released:
                 _idle_reaper = None  # under the lock: shared_pool starts a new reaper from here on
@@ -303,10 +302,7 @@ def release_pools() -> int:
     with _POOLS_LOCK:
         pools = list(_POOLS.values())
         _POOLS.clear()
-        busy = [p for p in pools if p.users > 0]
-        for pool in busy:
-            pool.release_when_unused = True
-    for pool in pools:
-        if pool not in busy:
-            pool.release()
+        unused = [p for p in pools if p.users == 0]  # the others: by their last user (shared_pool)
+    for pool in unused:
+        pool.release()
     return len(pools)
